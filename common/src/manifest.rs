@@ -656,9 +656,11 @@ mod tests {
         assert!(matches!(err, ManifestError::Conflict { .. }), "{err}");
     }
 
+    type Edit = Box<dyn FnOnce(&mut Manifest)>;
+
     #[test]
     fn fields_are_checked() {
-        let cases: Vec<(Box<dyn FnOnce(&mut Manifest)>, &str)> = vec![
+        let cases: Vec<(Edit, &str)> = vec![
             (Box::new(|m| m.name = "Billing".into()), "name"),
             (Box::new(|m| m.name = "bill-".into()), "name"),
             (

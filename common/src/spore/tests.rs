@@ -211,10 +211,10 @@ fn tampered_file_byte_is_refused_and_nothing_extracted() {
                 SporeError::HashMismatch { .. } | SporeError::Decompress(_)
             )
         };
-        let e = fx.verify(&bytes).err().expect("tampered spore accepted");
+        let e = fx.verify(&bytes).expect_err("tampered spore accepted");
         assert!(refused(&e), "{e}");
         let (r, target) = fx.extract(&bytes);
-        let e = r.err().expect("tampered spore extracted");
+        let e = r.expect_err("tampered spore extracted");
         assert!(refused(&e), "{e}");
         fx.assert_nothing_extracted(&target);
     }
