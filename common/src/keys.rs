@@ -170,6 +170,11 @@ impl SecretKey {
         Self::from_signing_key(key)
     }
 
+    /// A key from a fixed 32-byte seed: deterministic keys for tests and fuzzing only.
+    pub fn from_seed(seed: &[u8; 32]) -> Self {
+        Self::from_signing_key(SigningKey::from_bytes(seed))
+    }
+
     fn from_signing_key(key: SigningKey) -> Self {
         let vk = key.verifying_key();
         SecretKey {
