@@ -24,7 +24,7 @@ pub enum SporeCommand {
     /// -o billing-1.4.0.spore` packs one binary as the spore's command. Manifest form:
     /// `mesh spore pack path/to/spore.toml --key mesh.key` reads name, version, command, files
     /// (sources relative to the toml) and the rest from the file; flags given override it.
-    Pack(PackArgs),
+    Pack(Box<PackArgs>),
     /// Show a spore's manifest without verifying it (use `verify` before trusting anything).
     Inspect {
         file: PathBuf,
@@ -128,7 +128,7 @@ pub struct TrustArgs {
 
 pub fn run(cmd: SporeCommand) -> Result<()> {
     match cmd {
-        SporeCommand::Pack(args) => pack(args),
+        SporeCommand::Pack(args) => pack(*args),
         SporeCommand::Inspect { file, json } => inspect(&file, json),
         SporeCommand::Verify { file, trust } => {
             let (verified, digest) = open_and(&file, &trust, |s| s.verify())?;

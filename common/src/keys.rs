@@ -84,7 +84,7 @@ pub enum KeyError {
     #[error("{path}: already exists; refusing to overwrite a key (move it away or pass --force)")]
     Exists { path: PathBuf },
     #[error(
-        "{path}: permissions {mode:04o} let others read the secret key; run `chmod 600 {path}`"
+        "{path}: permissions {mode:04o} give group or others access to the secret key; run `chmod 600 {path}`"
     )]
     TooOpen { path: PathBuf, mode: u32 },
     #[error("{path}: {reason}")]

@@ -401,7 +401,7 @@ pub fn check_app_name(name: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{name:?} is not an app name (a-z, 0-9 and '-', starting with a letter, at most 63 bytes)"
+            "{name:?} is not an app name (a-z, 0-9 and '-', starting with a letter, not ending with '-', at most 63 bytes)"
         ))
     }
 }
@@ -531,8 +531,13 @@ impl SporeSpec {
         toml::from_str(text)
     }
 
-    /// The manifest for these files, packed at `created_at`.
+    /// The manifest for these files, packed at `created_at`. In spore.toml an empty
+    /// `slo.health_path` (TOML has no null) selects the TCP connect check.
     pub fn to_manifest(&self, files: Vec<FileEntry>, created_at: String) -> Manifest {
+        let mut slo = self.slo.clone();
+        if slo.health_path.as_deref() == Some("") {
+            slo.health_path = None;
+        }
         Manifest {
             name: self.name.clone(),
             version: self.version.clone(),
@@ -540,7 +545,7 @@ impl SporeSpec {
             args: self.args.clone(),
             env: self.env.clone(),
             nutrients: self.nutrients,
-            slo: self.slo.clone(),
+            slo,
             security: self.security.clone(),
             created_at,
             compression: self.compression,
@@ -732,6 +737,14 @@ mod tests {
         assert_eq!(spec.nutrients.cpu_milli, 1000);
         assert_eq!(spec.files[0].mode, Some(0o755));
         assert_eq!(spec.compression, Compression::Zstd);
+        let m = spec.to_manifest(Vec::new(), String::new());
+        assert_eq!(m.slo.health_path.as_deref(), Some("/health"));
+        let mut tcp = spec.clone();
+        tcp.slo.health_path = Some(String::new());
+        assert_eq!(
+            tcp.to_manifest(Vec::new(), String::new()).slo.health_path,
+            None
+        );
         let err = SporeSpec::from_toml(
             "name = \"x\"\nversion = \"1.0.0\"\ncommand = \"x\"\nfiles = []\ncolour = 1\n",
         )

@@ -40,7 +40,8 @@ pub enum StoreError {
 }
 
 impl ContentStore {
-    /// Opens (creating if needed) a store at `root`, clearing uploads a crash left behind.
+    /// Opens (creating if needed) a store at `root`, clearing uploads a crash left behind
+    /// (temp files untouched for an hour; younger ones may belong to a live upload).
     pub fn open(root: impl AsRef<Path>) -> Result<Self, StoreError> {
         let root = root.as_ref().to_path_buf();
         let store = ContentStore { root };
@@ -51,8 +52,15 @@ impl ContentStore {
             })?;
         }
         let ingest = store.ingest_dir();
+        let stale = |e: &fs::DirEntry| {
+            e.metadata()
+                .and_then(|m| m.modified())
+                .ok()
+                .and_then(|t| t.elapsed().ok())
+                .is_some_and(|age| age > std::time::Duration::from_secs(3600))
+        };
         if let Ok(entries) = fs::read_dir(&ingest) {
-            for e in entries.flatten() {
+            for e in entries.flatten().filter(stale) {
                 let _ = fs::remove_file(e.path());
             }
         }
@@ -88,7 +96,7 @@ impl ContentStore {
     }
 
     /// Stores everything `reader` yields. With `expected`, the blob is refused unless it hashes
-    /// to it. Returns the digest and size. Storing a blob that is already there is a no-op.
+    /// to it. Returns the digest and size. A blob already stored is left as it is.
     pub fn put(
         &self,
         reader: impl Read,
@@ -112,8 +120,13 @@ impl ContentStore {
                     actual,
                 });
             }
-            file.sync_all().map_err(io_err)?;
             let target = self.path(&actual);
+            if target.is_file() {
+                // Already stored (and immutable): keep the old file, drop the upload.
+                fs::remove_file(&temp).map_err(io_err)?;
+                return Ok((actual, size));
+            }
+            file.sync_all().map_err(io_err)?;
             fs::rename(&temp, &target).map_err(|source| StoreError::Io {
                 path: target.clone(),
                 source,

@@ -97,13 +97,13 @@ impl TrustStore {
             let rest = parts.next().unwrap_or_default().trim_start();
             match kind {
                 ALGORITHM => {
-                    let mut f = rest.splitn(3, char::is_whitespace);
+                    let mut f = rest.split_whitespace();
                     let (Some(id), Some(b64)) = (f.next(), f.next()) else {
                         return Err(syntax(format!(
                             "want `{ALGORITHM} <key-id> <base64 public key> [comment]`"
                         )));
                     };
-                    let comment = f.next().unwrap_or_default().trim().to_string();
+                    let comment = f.collect::<Vec<_>>().join(" ");
                     let id: KeyId = id
                         .parse()
                         .map_err(|e: crate::keys::KeyError| syntax(e.to_string()))?;
@@ -118,7 +118,7 @@ impl TrustStore {
                 }
                 "revoke" => {
                     let mut f = rest.splitn(2, char::is_whitespace);
-                    let id = f.next().unwrap_or_default();
+                    let id = f.next().unwrap_or_default().trim();
                     if id.is_empty() {
                         return Err(syntax("want `revoke <key-id> [comment]`".into()));
                     }
@@ -210,7 +210,8 @@ mod tests {
     #[test]
     fn pub_file_line_is_a_trust_file() {
         let k = SecretKey::generate();
-        let text = format!("# comment\n\n{}\n", k.public().to_line("release key"));
+        let line = k.public().to_line("release key").replace(' ', "  \t");
+        let text = format!("# comment\n\n{line}\n");
         let mut s = TrustStore::new();
         s.merge_text(&text, origin()).unwrap();
         assert_eq!(s.lookup(k.id()).unwrap().id(), k.id());

@@ -53,6 +53,10 @@ pub fn extract<R: Read>(spore: OpenSpore<'_, R>, target: &Path) -> Result<Verifi
     };
     let result = spore.stream(&mut sink).and_then(|verified| {
         drop(sink.file.take());
+        // Subdirectories first, so that a crash after the rename cannot lose an entry.
+        for dir in sink.dirs.iter().rev() {
+            fsutil::sync_dir(&partial.join(dir)).map_err(fail)?;
+        }
         fs::set_permissions(&partial, fs::Permissions::from_mode(0o755)).map_err(fail)?;
         fsutil::sync_dir(&partial).map_err(fail)?;
         fsutil::rename_noreplace(&partial, target).map_err(fail)?;
@@ -84,9 +88,10 @@ impl FileSink for DirSink {
             }
             prefix.push_str(comp);
             if self.dirs.insert(prefix.clone()) {
-                DirBuilder::new()
-                    .mode(0o755)
-                    .create(self.root.join(&prefix))?;
+                let dir = self.root.join(&prefix);
+                DirBuilder::new().mode(0o755).create(&dir)?;
+                // Exact bits whatever the umask, like the files.
+                fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))?;
             }
         }
         let file = OpenOptions::new()

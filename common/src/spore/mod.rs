@@ -279,16 +279,18 @@ impl<R: Read> Payload<R> {
     fn read(&mut self, buf: &mut [u8]) -> Result<usize, SporeError> {
         loop {
             let r = match self {
-                Payload::Raw(r) => r.read(buf).map_err(SporeError::Io),
-                Payload::Zstd(d) => d.read(buf).map_err(|e| match e.kind() {
-                    io::ErrorKind::UnexpectedEof => SporeError::Truncated("payload"),
-                    _ => SporeError::Decompress(e),
+                Payload::Raw(r) => r.read(buf),
+                Payload::Zstd(d) => d.read(buf),
+            };
+            return match r {
+                Ok(n) => Ok(n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => Err(match (self, e.kind()) {
+                    (_, io::ErrorKind::UnexpectedEof) => SporeError::Truncated("payload"),
+                    (Payload::Zstd(_), _) => SporeError::Decompress(e),
+                    (Payload::Raw(_), _) => SporeError::Io(e),
                 }),
             };
-            match r {
-                Err(SporeError::Io(e)) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => return other,
-            }
         }
     }
 

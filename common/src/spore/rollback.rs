@@ -1,7 +1,9 @@
 //! Rollback protection: the highest version seen per app, kept in a small JSON file.
 //!
 //! A verifier given a store refuses a spore older than what it has seen for that app unless
-//! the caller allows a downgrade explicitly; a fully verified spore raises the mark.
+//! the caller allows a downgrade explicitly; a fully verified spore raises the mark (even if
+//! extracting it then fails locally: the version was seen, signed and intact). Versions
+//! compare by SemVer precedence, so build metadata is ignored. One process owns a store file.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -47,18 +49,25 @@ impl VersionStore {
         allow_downgrade: bool,
     ) -> Result<(), SporeError> {
         match self.seen.get(app) {
-            Some(seen) if version < seen && !allow_downgrade => Err(SporeError::Rollback {
-                app: app.to_string(),
-                version: version.clone(),
-                seen: seen.clone(),
-            }),
+            Some(seen) if version.cmp_precedence(seen).is_lt() && !allow_downgrade => {
+                Err(SporeError::Rollback {
+                    app: app.to_string(),
+                    version: version.clone(),
+                    seen: seen.clone(),
+                })
+            }
             _ => Ok(()),
         }
     }
 
     /// Raises the mark for `app` to `version` if it is higher, durably.
     pub fn record(&mut self, app: &str, version: &semver::Version) -> io::Result<()> {
-        if self.seen.get(app).is_some_and(|seen| seen >= version) {
+        // SemVer precedence: build metadata (`+b`) does not make a version newer or older.
+        if self
+            .seen
+            .get(app)
+            .is_some_and(|seen| seen.cmp_precedence(version).is_ge())
+        {
             return Ok(());
         }
         self.seen.insert(app.to_string(), version.clone());
