@@ -9,12 +9,14 @@
 //! - [`store`]: the content repository (`blobs/sha256/<hex>`) shared by fabric and agent.
 //! - [`fsutil`]: atomic file writes (temp + fsync + rename + fsync of the directory).
 //!
-//! The line-protocol codec and client join this crate with the control fabric (issue #3).
+//! - [`proto`] and [`model`]: the line protocol's text forms and the control-plane types.
 
 pub mod digest;
 pub mod fsutil;
 pub mod keys;
 pub mod manifest;
+pub mod model;
+pub mod proto;
 pub mod spore;
 pub mod store;
 pub mod trust;
