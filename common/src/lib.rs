@@ -14,6 +14,7 @@
 pub mod digest;
 pub mod fsutil;
 pub mod keys;
+pub mod lines;
 pub mod manifest;
 pub mod model;
 pub mod proto;

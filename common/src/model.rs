@@ -26,6 +26,10 @@ pub struct Plan {
     pub drain_ms: u64,
     /// A new version that is not Ready within this time is rolled back.
     pub deadline_ms: u64,
+    /// Per-instance CPU of the spore (from its manifest), for the budget.
+    pub cpu_milli: u32,
+    /// Per-instance memory of the spore (from its manifest), for the budget.
+    pub memory_mb: u32,
     /// Revision of the last change.
     pub rev: u64,
 }
@@ -50,6 +54,8 @@ impl Plan {
             .add("max_parallel", self.max_parallel)
             .add("drain_ms", self.drain_ms)
             .add("deadline_ms", self.deadline_ms)
+            .add("cpu_milli", self.cpu_milli)
+            .add("memory_mb", self.memory_mb)
     }
 
     pub fn from_fields(s: &str) -> Result<Self, String> {
@@ -65,6 +71,8 @@ impl Plan {
             max_parallel: num(&f, "max_parallel")?,
             drain_ms: num(&f, "drain_ms")?,
             deadline_ms: num(&f, "deadline_ms")?,
+            cpu_milli: num(&f, "cpu_milli")?,
+            memory_mb: num(&f, "memory_mb")?,
             rev: num(&f, "rev")?,
         })
     }
@@ -220,6 +228,8 @@ mod tests {
             max_parallel: 1,
             drain_ms: 2000,
             deadline_ms: 60000,
+            cpu_milli: 250,
+            memory_mb: 32,
             rev: 7,
         };
         assert_eq!(Plan::from_fields(p.to_fields().as_str()).unwrap(), p);

@@ -351,7 +351,7 @@ impl fmt::Display for Fields {
 /// A line from the server, classified by its first bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ServerLine {
-    /// `+OK fields`
+    /// `+OK fields` (the fields), or `+WORD ...` (all of it, e.g. `PONG`).
     Ok(String),
     /// `-ERR CODE message`
     Err(ProtoError),
@@ -363,8 +363,10 @@ pub enum ServerLine {
 
 impl ServerLine {
     pub fn parse(line: &str) -> Result<ServerLine, String> {
-        if let Some(rest) = line.strip_prefix("+OK") {
-            return Ok(ServerLine::Ok(rest.trim_start().to_string()));
+        // `+OK fields` carries fields; other success words (`+PONG`) are kept whole.
+        if let Some(rest) = line.strip_prefix('+') {
+            let rest = rest.strip_prefix("OK").map(str::trim_start).unwrap_or(rest);
+            return Ok(ServerLine::Ok(rest.to_string()));
         }
         if let Some(rest) = line.strip_prefix("-ERR ") {
             let (code, msg) = rest.split_once(' ').unwrap_or((rest, ""));

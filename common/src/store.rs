@@ -102,42 +102,62 @@ impl ContentStore {
         reader: impl Read,
         expected: Option<&Digest>,
     ) -> Result<(Digest, u64), StoreError> {
-        let ingest = self.ingest_dir();
+        let (mut file, temp) = self.begin_ingest()?;
         let io_err = |source| StoreError::Io {
-            path: ingest.clone(),
+            path: temp.clone(),
             source,
         };
-        let (mut file, temp) = fsutil::create_unique(&ingest, "upload", 0o644).map_err(io_err)?;
-        let result = (|| {
-            let mut hashing = HashingReader::new(reader);
-            io::copy(&mut hashing, &mut file).map_err(io_err)?;
-            let (actual, size) = hashing.finish();
-            if let Some(expected) = expected
-                && *expected != actual
-            {
-                return Err(StoreError::Mismatch {
-                    expected: *expected,
-                    actual,
-                });
-            }
-            let target = self.path(&actual);
-            if target.is_file() {
-                // Already stored (and immutable): keep the old file, drop the upload.
-                fs::remove_file(&temp).map_err(io_err)?;
-                return Ok((actual, size));
-            }
-            file.sync_all().map_err(io_err)?;
-            fs::rename(&temp, &target).map_err(|source| StoreError::Io {
-                path: target.clone(),
-                source,
-            })?;
-            fsutil::sync_dir(&self.blob_dir()).map_err(io_err)?;
-            Ok((actual, size))
-        })();
+        let mut hashing = HashingReader::new(reader);
+        let copied = io::copy(&mut hashing, &mut file).map_err(io_err);
+        let (actual, size) = hashing.finish();
+        let result = copied.and_then(|_| match expected {
+            Some(e) if *e != actual => Err(StoreError::Mismatch {
+                expected: *e,
+                actual,
+            }),
+            _ => self.finish_ingest(file, &temp, &actual),
+        });
         if result.is_err() {
             let _ = fs::remove_file(&temp);
         }
-        result
+        result.map(|()| (actual, size))
+    }
+
+    /// Starts an upload whose bytes the caller writes and hashes itself (an async server):
+    /// a new temp file in `ingest/`. Remove it on failure, or pass it to `finish_ingest`.
+    pub fn begin_ingest(&self) -> Result<(File, PathBuf), StoreError> {
+        let ingest = self.ingest_dir();
+        fsutil::create_unique(&ingest, "upload", 0o644).map_err(|source| StoreError::Io {
+            path: ingest,
+            source,
+        })
+    }
+
+    /// Makes a finished upload, whose content the caller hashed to `digest`, the blob `digest`:
+    /// fsync, rename into place, fsync the directory. A blob already stored is kept and the
+    /// upload dropped.
+    pub fn finish_ingest(
+        &self,
+        file: File,
+        temp: &Path,
+        digest: &Digest,
+    ) -> Result<(), StoreError> {
+        let io_err = |source| StoreError::Io {
+            path: temp.to_path_buf(),
+            source,
+        };
+        let target = self.path(digest);
+        if target.is_file() {
+            drop(file);
+            return fs::remove_file(temp).map_err(io_err);
+        }
+        file.sync_all().map_err(io_err)?;
+        drop(file);
+        fs::rename(temp, &target).map_err(|source| StoreError::Io {
+            path: target.clone(),
+            source,
+        })?;
+        fsutil::sync_dir(&self.blob_dir()).map_err(io_err)
     }
 
     /// Stores a file from disk.
