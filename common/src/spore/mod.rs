@@ -258,19 +258,36 @@ fn read_full(reader: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
     Ok(got)
 }
 
+/// The magic number of a zstd data frame (skippable frames, which carry unsigned bytes and
+/// no content, are refused).
+const ZSTD_FRAME_MAGIC: [u8; 4] = [0x28, 0xb5, 0x2f, 0xfd];
+
+type ZstdSource<R> = BufReader<io::Chain<io::Cursor<[u8; 4]>, R>>;
+
 /// The payload stream, decoded.
 enum Payload<R: Read> {
     Raw(R),
-    Zstd(zstd::stream::read::Decoder<'static, BufReader<R>>),
+    Zstd(zstd::stream::read::Decoder<'static, ZstdSource<R>>),
 }
 
 impl<R: Read> Payload<R> {
-    fn new(reader: R, compression: Compression) -> Result<Self, SporeError> {
+    fn new(mut reader: R, compression: Compression) -> Result<Self, SporeError> {
         Ok(match compression {
             Compression::None => Payload::Raw(reader),
             Compression::Zstd => {
-                let decoder =
-                    zstd::stream::read::Decoder::new(reader).map_err(SporeError::Decompress)?;
+                let mut magic = [0u8; 4];
+                if read_full(&mut reader, &mut magic)? < magic.len() {
+                    return Err(SporeError::Truncated("payload"));
+                }
+                if magic != ZSTD_FRAME_MAGIC {
+                    return Err(SporeError::Decompress(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "the payload does not start with a zstd data frame",
+                    )));
+                }
+                let source = BufReader::new(io::Cursor::new(magic).chain(reader));
+                let decoder = zstd::stream::read::Decoder::with_buffer(source)
+                    .map_err(SporeError::Decompress)?;
                 Payload::Zstd(decoder.single_frame())
             }
         })

@@ -500,3 +500,22 @@ fn packing_refuses_what_verification_would_refuse() {
     .unwrap_err();
     assert!(e.to_string().contains("not a regular file"), "{e}");
 }
+
+#[test]
+fn a_skippable_zstd_frame_cannot_smuggle_unsigned_bytes() {
+    // A skippable frame decodes to nothing, so with empty files it would verify while carrying
+    // bytes no signature covers. The payload must start with a zstd data frame.
+    let fx = Fixture::new();
+    let good = fx.pack(Compression::Zstd);
+    let end = manifest_range(&good).end;
+    let mut skippable = vec![0x5f, 0x2a, 0x4d, 0x18, 11, 0, 0, 0];
+    skippable.extend_from_slice(b"hello world");
+    for payload in [
+        skippable.clone(),
+        [skippable, good[end..].to_vec()].concat(),
+    ] {
+        let mut bytes = good[..end].to_vec();
+        bytes.extend_from_slice(&payload);
+        expect_err(fx.verify(&bytes), "does not start with a zstd data frame");
+    }
+}
