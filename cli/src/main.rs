@@ -3,6 +3,9 @@
 //! Each subcommand lives in its own module; this file only parses arguments, dispatches and
 //! turns errors into one readable line and an exit code.
 
+mod deploy;
+mod fabric_client;
+mod fabric_cmd;
 mod key;
 mod output;
 mod spore;
@@ -29,9 +32,43 @@ enum Command {
     /// Create and identify Ed25519 signing keys.
     #[command(subcommand)]
     Key(key::KeyCommand),
-    /// Pack, inspect, verify and extract signed spores.
+    /// Pack, inspect, verify, extract, push and pull signed spores.
     #[command(subcommand)]
     Spore(spore::SporeCommand),
+    /// Run the control fabric (registry, budgets, pub/sub, blob service).
+    Fabric(fabric_cmd::FabricCmd),
+    /// Manage the fabric's access tokens.
+    #[command(subcommand)]
+    Token(fabric_cmd::TokenCmd),
+    /// Show the fabric's state counters.
+    Status {
+        #[command(flatten)]
+        fabric: fabric_client::FabricArgs,
+    },
+    /// Set the plan of an app: which spore digest runs, how many instances, on which port.
+    Deploy(deploy::DeployCmd),
+    /// Change how many instances of an app run.
+    Scale(deploy::ScaleCmd),
+    /// Remove an app's plan; its instances drain and stop.
+    Undeploy(deploy::UndeployCmd),
+    /// Show or set an app's budget (the nutrient ledger): instances, CPU, memory.
+    Budget(deploy::BudgetCmd),
+    /// List plans and Ready instances.
+    Ps(deploy::PsCmd),
+    /// List the Ready endpoints of an app (or of all apps).
+    Endpoints(deploy::EndpointsCmd),
+}
+
+/// Logs for daemons: to stderr, level from MESH_LOG (default info).
+pub fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(ansi)
+        .with_writer(std::io::stderr)
+        .try_init();
 }
 
 fn main() -> ExitCode {
@@ -39,6 +76,15 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Key(cmd) => key::run(cmd),
         Command::Spore(cmd) => spore::run(cmd),
+        Command::Fabric(cmd) => fabric_cmd::run_fabric(cmd),
+        Command::Token(cmd) => fabric_cmd::run_token(cmd),
+        Command::Status { fabric } => fabric_cmd::run_status(fabric),
+        Command::Deploy(cmd) => deploy::deploy(cmd),
+        Command::Scale(cmd) => deploy::scale(cmd),
+        Command::Undeploy(cmd) => deploy::undeploy(cmd),
+        Command::Budget(cmd) => deploy::budget(cmd),
+        Command::Ps(cmd) => deploy::ps(cmd),
+        Command::Endpoints(cmd) => deploy::endpoints(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,6 +14,7 @@ use mesh_common::manifest::{Compression, Manifest, Nutrients, Security, Slo, Spo
 use mesh_common::spore::{self, PackFile, VerifyOptions, VersionStore};
 use mesh_common::trust::TrustStore;
 
+use crate::fabric_client::{FabricArgs, block_on};
 use crate::output::{byte_progress, human_bytes};
 
 #[derive(Subcommand)]
@@ -40,6 +41,21 @@ pub enum SporeCommand {
         file: PathBuf,
         #[command(flatten)]
         trust: TrustArgs,
+    },
+    /// Upload a spore to the fabric's content repository; prints its digest.
+    Push {
+        file: PathBuf,
+        #[command(flatten)]
+        fabric: FabricArgs,
+    },
+    /// Download a spore by digest (resumes an interrupted download; checks the digest).
+    Pull {
+        digest: Digest,
+        /// Output file [default: <first 12 hex digits>.spore].
+        #[arg(short, long, value_name = "FILE")]
+        output: Option<PathBuf>,
+        #[command(flatten)]
+        fabric: FabricArgs,
     },
     /// Verify a spore and extract its files into a new directory.
     Extract {
@@ -144,6 +160,29 @@ pub fn run(cmd: SporeCommand) -> Result<()> {
             );
             Ok(())
         }
+        SporeCommand::Push { file, fabric } => push(&file, &fabric),
+        SporeCommand::Pull {
+            digest,
+            output,
+            fabric,
+        } => {
+            let out = output.unwrap_or_else(|| PathBuf::from(format!("{}.spore", digest.short())));
+            block_on(async {
+                let mut c = fabric.connect().await?;
+                let url = blob_url(&c)?;
+                let token = fabric.resolve()?.token;
+                let pb = byte_progress(u64::MAX, "pulling");
+                let n = mesh_common::blob::pull(&url, &token, &digest, &out, |done, total| {
+                    pb.set_length(total);
+                    pb.set_position(done);
+                })
+                .await?;
+                pb.finish_and_clear();
+                c.call("QUIT").await.ok();
+                println!("pulled {digest} ({}) to {}", human_bytes(n), out.display());
+                Ok(())
+            })?
+        }
         SporeCommand::Extract { file, trust, into } => {
             let (verified, digest) = open_and(&file, &trust, |s| spore::extract(s, &into))?;
             println!(
@@ -156,6 +195,35 @@ pub fn run(cmd: SporeCommand) -> Result<()> {
             Ok(())
         }
     }
+}
+
+fn blob_url(c: &mesh_common::client::Client) -> Result<String> {
+    c.blob_url()
+        .map(str::to_string)
+        .ok_or_else(|| anyhow!("the fabric did not advertise a blob URL in its greeting"))
+}
+
+fn push(file: &Path, fabric: &FabricArgs) -> Result<()> {
+    let label = || format!("spore {}", file.display());
+    let f = File::open(file).with_context(label)?;
+    let len = f.metadata().with_context(label)?.len();
+    // Only spores go into the content repository: refuse anything else before uploading.
+    spore::inspect_unverified(BufReader::new(File::open(file).with_context(label)?))
+        .with_context(label)?;
+    let (digest, _) = Digest::of_reader(BufReader::new(f)).with_context(label)?;
+    block_on(async {
+        let mut c = fabric.connect().await?;
+        let url = blob_url(&c)?;
+        let token = fabric.resolve()?.token;
+        let pb = byte_progress(len, "pushing");
+        mesh_common::blob::push(&url, &token, file, &digest, |n| pb.set_position(n))
+            .await
+            .with_context(label)?;
+        pb.finish_and_clear();
+        c.call("QUIT").await.ok();
+        println!("{digest}");
+        Ok(())
+    })?
 }
 
 fn pack(args: PackArgs) -> Result<()> {

@@ -10,7 +10,11 @@
 //! - [`fsutil`]: atomic file writes (temp + fsync + rename + fsync of the directory).
 //!
 //! - [`proto`] and [`model`]: the line protocol's text forms and the control-plane types.
+//! - [`client`], [`blob`] and [`lines`]: the fabric's client (commands, subscriptions that
+//!   resume) and blob transfer, used by the CLI, the agent and the edge.
 
+pub mod blob;
+pub mod client;
 pub mod digest;
 pub mod fsutil;
 pub mod keys;

@@ -49,6 +49,9 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Lines queued for one connection before it counts as a slow consumer.
     pub outbound_queue: usize,
+    /// Kernel send buffer per connection (SO_SNDBUF): with the queue, it bounds what a client
+    /// that stops reading can pin before it is cut off.
+    pub send_buffer: usize,
 }
 
 impl Config {
@@ -60,6 +63,7 @@ impl Config {
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(120),
             outbound_queue: 1024,
+            send_buffer: 256 * 1024,
         }
     }
 }

@@ -47,6 +47,7 @@ pub async fn accept_loop(shared: Arc<Shared>, listener: TcpListener) {
         next_id += 1;
         let id = next_id;
         let _ = stream.set_nodelay(true);
+        let _ = socket2::SockRef::from(&stream).set_send_buffer_size(shared.config.send_buffer);
         let shared = shared.clone();
         tokio::spawn(async move {
             shared.metrics.connections_total.fetch_add(1, Relaxed);
