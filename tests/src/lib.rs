@@ -87,3 +87,73 @@ pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     false
 }
+
+/// A `mesh fabric` process on free loopback ports with its own data dir.
+pub struct FabricProcess {
+    pub child: ChildGuard,
+    pub line: std::net::SocketAddr,
+    pub http: std::net::SocketAddr,
+    pub data: PathBuf,
+}
+
+impl FabricProcess {
+    /// Starts a fabric and waits until it accepts connections.
+    pub fn start(data: &std::path::Path) -> FabricProcess {
+        let line = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        let http = format!("127.0.0.1:{}", free_port()).parse().expect("addr");
+        Self::start_on(data, line, http)
+    }
+
+    pub fn start_on(
+        data: &std::path::Path,
+        line: std::net::SocketAddr,
+        http: std::net::SocketAddr,
+    ) -> FabricProcess {
+        let child = ChildGuard::spawn(
+            Command::new(bin("mesh"))
+                .args([
+                    "fabric",
+                    "--listen",
+                    &line.to_string(),
+                    "--http",
+                    &http.to_string(),
+                    "--data",
+                ])
+                .arg(data)
+                .env("MESH_LOG", "warn")
+                .stdout(std::process::Stdio::null()),
+        );
+        let up = wait_until(Duration::from_secs(20), || TcpStream::connect(line).is_ok());
+        assert!(up, "mesh fabric did not start listening on {line}");
+        FabricProcess {
+            child,
+            line,
+            http,
+            data: data.to_path_buf(),
+        }
+    }
+
+    pub fn token(&self) -> String {
+        std::fs::read_to_string(self.data.join("admin.token"))
+            .expect("admin.token")
+            .trim()
+            .to_string()
+    }
+
+    pub fn client_config(&self) -> mesh_common::client::ClientConfig {
+        mesh_common::client::ClientConfig {
+            fabric: self.line.to_string(),
+            token: self.token(),
+        }
+    }
+
+    /// SIGKILL, as a crash: no shutdown code runs.
+    pub fn kill9(mut self) -> (std::net::SocketAddr, std::net::SocketAddr) {
+        let pid = self.child.0.id() as libc::pid_t;
+        // SAFETY: plain kill(2) on our own child, which we have not reaped yet (so the pid is
+        // still ours); std's Child::kill sends SIGKILL too, but this spells the intent.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let _ = self.child.0.wait();
+        (self.line, self.http)
+    }
+}
