@@ -20,6 +20,10 @@ pub struct FabricCmd {
     /// Data directory (created 0700): fabric.redb, content/, admin.token.
     #[arg(long, value_name = "DIR")]
     data: PathBuf,
+    /// Blob URL advertised to clients [default: http://<--http>]; needed when --http is a
+    /// wildcard address such as 0.0.0.0:7701.
+    #[arg(long, value_name = "URL")]
+    blob_url: Option<String>,
     /// Most line-protocol connections at once.
     #[arg(long, default_value_t = 10_000)]
     max_connections: usize,
@@ -35,6 +39,7 @@ pub fn run_fabric(cmd: FabricCmd) -> Result<()> {
     rt.block_on(async move {
         let mut config = Config::new(cmd.listen, cmd.http, cmd.data.clone());
         config.max_connections = cmd.max_connections;
+        config.blob_url = cmd.blob_url.clone();
         let fabric = Fabric::start(config).await?;
         println!(
             "mesh fabric: line protocol on {}, blobs and /metrics on http://{}, data in {}",

@@ -235,6 +235,7 @@ pub struct Subscription {
     last_rev: u64,
     synced: bool,
     backoff: Duration,
+    last_ping: tokio::time::Instant,
 }
 
 const PING_EVERY: Duration = Duration::from_secs(30);
@@ -250,6 +251,7 @@ impl Subscription {
             last_rev: 0,
             synced: false,
             backoff: Duration::from_millis(50),
+            last_ping: tokio::time::Instant::now(),
         }
     }
 
@@ -263,12 +265,10 @@ impl Subscription {
         loop {
             if self.client.is_none() {
                 match self.subscribe().await {
-                    Ok((c, reset)) => {
+                    Ok(c) => {
                         self.client = Some(c);
                         self.backoff = Duration::from_millis(50);
-                        if reset {
-                            return Ok(SubEvent::Reset);
-                        }
+                        self.last_ping = tokio::time::Instant::now();
                     }
                     Err(e) if e.is_transient() => {
                         tracing::debug!(topic = %self.topic, "fabric unreachable, retrying: {e}");
@@ -282,8 +282,12 @@ impl Subscription {
             let Some(client) = self.client.as_mut() else {
                 continue;
             };
-            let ev = match tokio::time::timeout(PING_EVERY, client.next_event()).await {
+            // The server closes connections that send nothing for a while, however many
+            // events flow the other way: ping on a schedule, not on silence.
+            let ping_at = self.last_ping + PING_EVERY;
+            let ev = match tokio::time::timeout_at(ping_at, client.next_event()).await {
                 Err(_) => {
+                    self.last_ping = tokio::time::Instant::now();
                     if client.send("PING").await.is_err() {
                         self.client = None;
                     }
@@ -304,6 +308,7 @@ impl Subscription {
                     self.synced = true;
                     return Ok(SubEvent::Sync { rev: self.last_rev });
                 }
+                // The server could not resume from our revision: a full replay follows.
                 ("reset", _) => return Ok(SubEvent::Reset),
                 (_, Some("put")) => return Ok(SubEvent::Put(ev)),
                 (_, Some("del")) => return Ok(SubEvent::Del(ev)),
@@ -312,9 +317,8 @@ impl Subscription {
         }
     }
 
-    /// Connects and subscribes; `true` when the caller must forget its state first (a fresh
-    /// snapshot follows and this is not the first one).
-    async fn subscribe(&mut self) -> Result<(Client, bool), ClientError> {
+    /// Connects and subscribes, resuming after the last revision once synced.
+    async fn subscribe(&mut self) -> Result<Client, ClientError> {
         let mut c = Client::connect(&self.cfg).await?;
         let mut line = format!("SUB {}", self.topic);
         if let Some(app) = &self.app {
@@ -323,16 +327,7 @@ impl Subscription {
         if self.synced {
             line.push_str(&format!(" from={}", self.last_rev));
         }
-        let r = c.call(&line).await?;
-        let reset = match r.get("mode") {
-            Some("resume") => false,
-            // A snapshot after a sync means the old view is stale.
-            _ => self.synced,
-        };
-        if reset {
-            // The server's own `> reset` line is then redundant; drop it.
-            c.pending.retain(|e| e.kind != "reset");
-        }
-        Ok((c, reset))
+        c.call(&line).await?;
+        Ok(c)
     }
 }

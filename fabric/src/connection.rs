@@ -87,7 +87,14 @@ pub async fn serve(shared: Arc<Shared>, stream: TcpStream, peer: SocketAddr, id:
     drop(tx);
     drop(session);
     // Let the writer flush what is queued (a QUIT's +OK, an error), unless it is stuck.
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), writer).await;
+    // A writer stuck on a peer that never reads must not outlive its connection.
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(std::time::Duration::from_secs(5), writer)
+        .await
+        .is_err()
+    {
+        abort.abort();
+    }
 }
 
 /// Parses and runs one line; `None` when the command already queued its own reply.
@@ -102,20 +109,32 @@ async fn run_line(session: &mut Session, bytes: &[u8]) -> Option<String> {
             return Some(error_line(&e));
         }
     };
-    let result = match Command::from_request(&req) {
-        Ok(cmd) => match check_access(session, &cmd) {
-            Ok(()) => cmd.apply(session).await,
-            Err(e) => Err(e),
-        },
-        Err(e) => Err(e),
+    // Before authentication only the session verbs are parsed at all, so an anonymous client
+    // learns nothing about arguments.
+    if session.role.is_none() && !crate::cmd::is_session_verb(&req.verb) {
+        let e = ProtoError::new(Code::NoAuth, "authenticate first: AUTH <token>");
+        metrics.command("?", e.code.as_str());
+        return Some(error_line(&e));
+    }
+    let (label, result) = match Command::from_request(&req) {
+        Ok(cmd) => {
+            let label = cmd.verb();
+            match check_access(session, &cmd) {
+                Ok(()) => (label, cmd.apply(session).await),
+                Err(e) => (label, Err(e)),
+            }
+        }
+        // Unknown verbs share one metrics label so that clients cannot grow the label set.
+        Err(e) if e.code == Code::UnknownVerb => ("?", Err(e)),
+        Err(e) => (crate::cmd::known_verb(&req.verb).unwrap_or("?"), Err(e)),
     };
     match result {
         Ok(reply) => {
-            metrics.command(&req.verb, "ok");
+            metrics.command(label, "ok");
             reply
         }
         Err(e) => {
-            metrics.command(&req.verb, e.code.as_str());
+            metrics.command(label, e.code.as_str());
             Some(error_line(&e))
         }
     }

@@ -100,6 +100,11 @@ async fn metrics(shared: &Shared) -> Response<RespBody> {
         ),
         ("mesh_fabric_plans", "Plans stored.", st.plans.len() as u64),
         (
+            "mesh_fabric_budgets",
+            "Budgets stored.",
+            st.budgets.len() as u64,
+        ),
+        (
             "mesh_fabric_endpoints",
             "Endpoints registered.",
             st.endpoints.len() as u64,
@@ -255,7 +260,6 @@ async fn receive(
                 .map_err(|e| internal(e.to_string()))?;
         }
     }
-    shared.metrics.blob_bytes_in.fetch_add(size, Relaxed);
     let actual = Digest::from_bytes(hasher.finalize().into());
     if actual != digest {
         return Err((
@@ -273,6 +277,7 @@ async fn receive(
         .await
         .map_err(|e| internal(e.to_string()))?
         .map_err(|e| internal(e.to_string()))?;
+    shared.metrics.blob_bytes_in.fetch_add(size, Relaxed);
     Ok(size)
 }
 

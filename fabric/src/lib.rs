@@ -47,7 +47,10 @@ pub struct Config {
     pub max_connections: usize,
     /// A connection that sends nothing for this long is closed.
     pub idle_timeout: Duration,
-    /// Lines queued for one connection before it counts as a slow consumer.
+    /// The blob URL advertised to clients; default `http://<http address>` (set it when the
+    /// HTTP address is a wildcard like 0.0.0.0, which clients cannot connect to).
+    pub blob_url: Option<String>,
+    /// Replies and events queued for one connection before it counts as a slow consumer.
     pub outbound_queue: usize,
     /// Kernel send buffer per connection (SO_SNDBUF): with the queue, it bounds what a client
     /// that stops reading can pin before it is cut off.
@@ -62,6 +65,7 @@ impl Config {
             data,
             max_connections: 10_000,
             idle_timeout: Duration::from_secs(120),
+            blob_url: None,
             outbound_queue: 1024,
             send_buffer: 256 * 1024,
         }
@@ -170,7 +174,10 @@ impl Fabric {
             metrics: metrics::Metrics::default(),
             content,
             config: config.clone(),
-            blob_url: format!("http://{http}"),
+            blob_url: config
+                .blob_url
+                .clone()
+                .unwrap_or_else(|| format!("http://{http}")),
             started: Instant::now(),
         });
         writer::spawn(shared.clone(), Box::new(storage) as Box<dyn Storage>, rx);
@@ -178,6 +185,12 @@ impl Fabric {
         let admin_token_path = data.join("admin.token");
         ensure_admin_token(&shared, &admin_token_path).await?;
 
+        if config.blob_url.is_none() && http.ip().is_unspecified() {
+            tracing::warn!(
+                "the blob service listens on {http}; clients on other hosts cannot use that address: pass --blob-url http://<reachable host>:{}",
+                http.port()
+            );
+        }
         tokio::spawn(server::expire_leases(shared.clone()));
         tokio::spawn(server::accept_loop(shared.clone(), line_listener));
         tokio::spawn(http::serve(shared.clone(), http_listener));

@@ -29,7 +29,7 @@ impl ConnHandle {
     }
 
     /// Marks the connection as too slow and tells its tasks to close it.
-    fn mark_slow(&self) {
+    pub fn mark_slow(&self) {
         if !self.slow.swap(true, Ordering::SeqCst) {
             self.close.send_replace(true);
         }

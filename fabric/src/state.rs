@@ -5,7 +5,8 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
-use mesh_common::model::{Budget, Endpoint, Node, Plan};
+use mesh_common::Digest;
+use mesh_common::model::{self, Budget, Endpoint, Node, Plan};
 use mesh_common::proto::{Code, Fields, ProtoError};
 use serde::{Deserialize, Serialize};
 
@@ -127,11 +128,120 @@ impl Event {
     }
 }
 
+/// Changes to an app's plan; absent fields keep the current plan's values (or defaults for a
+/// new plan, which needs a digest). Merged by the writer, so concurrent patches never lose
+/// each other's fields.
+#[derive(Debug, Clone, Default)]
+pub struct PlanPatch {
+    pub app: String,
+    /// A new spore, with its per-instance (cpu_milli, memory_mb) read from its manifest.
+    pub digest: Option<(Digest, u32, u32)>,
+    pub min: Option<u32>,
+    pub max: Option<u32>,
+    pub port: Option<u16>,
+    pub health: Option<String>,
+    pub min_healthy_ms: Option<u64>,
+    pub max_parallel: Option<u32>,
+    pub drain_ms: Option<u64>,
+    pub deadline_ms: Option<u64>,
+}
+
+impl PlanPatch {
+    pub fn merge(self, current: Option<&Plan>) -> Result<Plan, ProtoError> {
+        let c = current;
+        let (digest, cpu_milli, memory_mb) = match (self.digest, c) {
+            (Some(d), _) => d,
+            (None, Some(p)) => (p.digest, p.cpu_milli, p.memory_mb),
+            (None, None) => {
+                return Err(ProtoError::bad_args(format!(
+                    "app {} has no plan yet: PLAN.SET needs digest= to create one",
+                    self.app
+                )));
+            }
+        };
+        let min = self.min.or(c.map(|p| p.min)).unwrap_or(1);
+        let max = self.max.or(c.map(|p| p.max.max(min))).unwrap_or(min);
+        if max < min {
+            return Err(ProtoError::bad_args(format!(
+                "max={max} is below min={min}"
+            )));
+        }
+        let keep =
+            |new: Option<u64>, old: Option<u64>, default: u64| new.or(old).unwrap_or(default);
+        Ok(Plan {
+            app: self.app,
+            digest,
+            min,
+            max,
+            port: self.port.or(c.map(|p| p.port)).unwrap_or(0),
+            health: self.health.or(c.and_then(|p| p.health.clone())),
+            min_healthy_ms: keep(
+                self.min_healthy_ms,
+                c.map(|p| p.min_healthy_ms),
+                model::PLAN_DEFAULT_MIN_HEALTHY_MS,
+            ),
+            max_parallel: self
+                .max_parallel
+                .or(c.map(|p| p.max_parallel))
+                .unwrap_or(model::PLAN_DEFAULT_MAX_PARALLEL),
+            drain_ms: keep(
+                self.drain_ms,
+                c.map(|p| p.drain_ms),
+                model::PLAN_DEFAULT_DRAIN_MS,
+            ),
+            deadline_ms: keep(
+                self.deadline_ms,
+                c.map(|p| p.deadline_ms),
+                model::PLAN_DEFAULT_DEADLINE_MS,
+            ),
+            cpu_milli,
+            memory_mb,
+            rev: 0,
+        })
+    }
+}
+
+/// Changes to an app's budget: all three fields for a new one, any of them to change one.
+#[derive(Debug, Clone, Default)]
+pub struct BudgetPatch {
+    pub app: String,
+    pub max_instances: Option<u32>,
+    pub cpu_milli: Option<u64>,
+    pub memory_mb: Option<u64>,
+}
+
+impl BudgetPatch {
+    pub fn merge(self, current: Option<&Budget>) -> Result<Budget, ProtoError> {
+        match (current, self.max_instances, self.cpu_milli, self.memory_mb) {
+            (Some(c), mi, cpu, mem) => Ok(Budget {
+                app: self.app,
+                max_instances: mi.unwrap_or(c.max_instances),
+                cpu_milli: cpu.unwrap_or(c.cpu_milli),
+                memory_mb: mem.unwrap_or(c.memory_mb),
+                rev: 0,
+            }),
+            (None, Some(max_instances), Some(cpu_milli), Some(memory_mb)) => Ok(Budget {
+                app: self.app,
+                max_instances,
+                cpu_milli,
+                memory_mb,
+                rev: 0,
+            }),
+            (None, ..) => Err(ProtoError::bad_args(format!(
+                "app {} has no budget yet: give max_instances=, cpu_milli= and memory_mb=",
+                self.app
+            ))),
+        }
+    }
+}
+
 /// A change requested of the state machine.
 #[derive(Debug, Clone)]
 pub enum Mutation {
     /// The plan's `rev` is ignored; cpu/memory come from the spore's manifest.
     PutPlan(Plan),
+    PatchPlan(PlanPatch),
+    PatchBudget(BudgetPatch),
     DeletePlan {
         app: String,
     },
@@ -167,6 +277,8 @@ impl Mutation {
     pub fn name(&self) -> &'static str {
         match self {
             Mutation::PutPlan(_) => "put_plan",
+            Mutation::PatchPlan(_) => "patch_plan",
+            Mutation::PatchBudget(_) => "patch_budget",
             Mutation::DeletePlan { .. } => "delete_plan",
             Mutation::PutBudget(_) => "put_budget",
             Mutation::DeleteBudget { .. } => "delete_budget",
@@ -313,6 +425,16 @@ impl State {
         events: &mut Vec<Event>,
     ) -> Result<Fields, ProtoError> {
         match m {
+            Mutation::PatchPlan(patch) => {
+                let current = self.plans.get(&patch.app).cloned();
+                let plan = patch.merge(current.as_ref())?;
+                self.apply(Mutation::PutPlan(plan), now, changes, events)
+            }
+            Mutation::PatchBudget(patch) => {
+                let current = self.budgets.get(&patch.app).cloned();
+                let budget = patch.merge(current.as_ref())?;
+                self.apply(Mutation::PutBudget(budget), now, changes, events)
+            }
             Mutation::PutPlan(mut plan) => {
                 if let Some(b) = self.budgets.get(&plan.app) {
                     check_plan_within_budget(&plan, b)?;
@@ -381,6 +503,7 @@ impl State {
                 Ok(Fields::new().add("lease", id).add("ttl_ms", ttl_ms))
             }
             Mutation::RenewLease { id } => {
+                self.live_lease(id, now)?;
                 let lease = self.leases.get_mut(&id).ok_or_else(|| no_lease(id))?;
                 lease.deadline = now + Duration::from_millis(lease.ttl_ms);
                 Ok(Fields::new().add("lease", id).add("ttl_ms", lease.ttl_ms))
@@ -393,8 +516,13 @@ impl State {
                 Ok(Fields::new().add("lease", id).add("removed", removed))
             }
             Mutation::PutEndpoint(mut ep) => {
-                if !self.leases.contains_key(&ep.lease) {
-                    return Err(no_lease(ep.lease));
+                self.live_lease(ep.lease, now)?;
+                // Registering the same endpoint again changes nothing and takes no revision.
+                if let Some(cur) = self.endpoints.get(&(ep.app.clone(), ep.instance.clone())) {
+                    ep.rev = cur.rev;
+                    if *cur == ep {
+                        return Ok(Fields::new().add("rev", cur.rev));
+                    }
                 }
                 let rev = self.next_rev(changes);
                 ep.rev = rev;
@@ -430,8 +558,12 @@ impl State {
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::PutNode(mut node) => {
-                if !self.leases.contains_key(&node.lease) {
-                    return Err(no_lease(node.lease));
+                self.live_lease(node.lease, now)?;
+                if let Some(cur) = self.nodes.get(&node.id) {
+                    node.rev = cur.rev;
+                    if *cur == node {
+                        return Ok(Fields::new().add("rev", cur.rev));
+                    }
                 }
                 let rev = self.next_rev(changes);
                 node.rev = rev;
@@ -516,6 +648,15 @@ impl State {
             );
         }
         eps.len() + nodes.len()
+    }
+
+    /// A lease that exists and whose deadline has not passed (the expiry timer may not have
+    /// removed it yet, but it is dead all the same).
+    fn live_lease(&self, id: u64, now: Instant) -> Result<(), ProtoError> {
+        match self.leases.get(&id) {
+            Some(l) if l.deadline > now => Ok(()),
+            _ => Err(no_lease(id)),
+        }
     }
 
     /// The earliest lease deadline, for the expiry timer.

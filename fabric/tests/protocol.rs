@@ -166,6 +166,17 @@ async fn bad_input_gets_precise_errors_and_the_connection_survives() {
     assert_eq!(c.line().await, "+PONG crlf");
     let (_, status) = c.list("STATUS").await;
     assert!(status.starts_with("+OK rev=0 "), "{status}");
+    // Made-up verbs share one metrics label: a client cannot grow the label set.
+    let metrics = http_get(&f, "/metrics", None).await;
+    assert!(
+        metrics.contains("mesh_fabric_commands_total{verb=\"?\",result=\"UNKNOWN_VERB\"} 1"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("FROBNICATE"));
+    assert!(
+        metrics.contains("mesh_fabric_commands_total{verb=\"PLAN.GET\",result=\"BAD_ARGS\"} 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test]
@@ -176,6 +187,9 @@ async fn authentication_and_roles() {
     assert_eq!(err_code(&anon.cmd("PLAN.LIST").await), "NOAUTH");
     assert_eq!(err_code(&anon.cmd("AUTH mesh_0000").await), "AUTH_FAILED");
     assert_eq!(err_code(&anon.cmd("AUTH").await), "BAD_ARGS");
+    // Before AUTH nothing else is even parsed: no argument details leak.
+    assert_eq!(err_code(&anon.cmd("PLAN.GET").await), "NOAUTH");
+    assert_eq!(err_code(&anon.cmd("FROBNICATE").await), "NOAUTH");
 
     let mut admin = Raw::authed(&f).await;
     let mut token_for = async |role: &str| {
@@ -225,6 +239,10 @@ async fn authentication_and_roles() {
             .starts_with("+OK lease=1 ")
     );
 
+    // A failed AUTH drops the role the connection had.
+    assert_eq!(err_code(&a.cmd("AUTH mesh_wrong").await), "AUTH_FAILED");
+    assert_eq!(err_code(&a.cmd("LEASE.GRANT ttl_ms=1000").await), "NOAUTH");
+
     let mut d = Raw::connect(&f).await;
     d.cmd(&format!("AUTH {deployer}")).await;
     assert_eq!(
@@ -251,11 +269,12 @@ async fn expired_lease_removes_endpoint_and_publishes_it() {
     assert_eq!(sub, "+OK sub=1 rev=0 mode=snapshot");
     assert_eq!(watcher.line().await, "> sync sub=1 rev=0");
 
+    // The deadline counts from the grant, so the clock starts before the command is sent.
+    let t0 = Instant::now();
     assert_eq!(
         agent.cmd("LEASE.GRANT ttl_ms=300").await,
         "+OK lease=1 ttl_ms=300"
     );
-    let t0 = Instant::now();
     assert_eq!(
         agent
             .cmd("ENDPOINT.REG hello instance=hello-1 node=n1 addr=127.0.0.1:9001 lease=1")
@@ -297,6 +316,13 @@ async fn expired_lease_removes_endpoint_and_publishes_it() {
         assert_eq!(agent.cmd("LEASE.RENEW 2").await, "+OK lease=2 ttl_ms=300");
     }
     assert_eq!(agent.list("ENDPOINT.LIST hello").await.0.len(), 1);
+    // Registering the same endpoint again takes no revision and sends no event.
+    assert_eq!(
+        agent
+            .cmd("ENDPOINT.REG hello instance=hello-2 node=n1 addr=127.0.0.1:9002 lease=2")
+            .await,
+        "+OK rev=3"
+    );
     assert_eq!(
         agent.cmd("ENDPOINT.DEREG hello instance=hello-2").await,
         "+OK rev=4"

@@ -1,11 +1,10 @@
 //! BUDGET.SET, BUDGET.GET, BUDGET.LIST, BUDGET.DEL: the nutrient ledger.
 
-use mesh_common::model::Budget;
 use mesh_common::proto::{Args, Code, ProtoError};
 
 use super::{Reply, app_name, items, ok};
 use crate::connection::Session;
-use crate::state::Mutation;
+use crate::state::{BudgetPatch, Mutation};
 
 /// `BUDGET.SET <app> [max_instances=] [cpu_milli=] [memory_mb=]`: all three for a new budget,
 /// any of them to change one.
@@ -27,32 +26,13 @@ impl BudgetSet {
     }
 
     pub async fn apply(self, s: &mut Session) -> Reply {
-        let current = s.shared.state.read().await.budgets.get(&self.app).cloned();
-        let budget = match current {
-            Some(c) => Budget {
-                app: self.app,
-                max_instances: self.max_instances.unwrap_or(c.max_instances),
-                cpu_milli: self.cpu_milli.unwrap_or(c.cpu_milli),
-                memory_mb: self.memory_mb.unwrap_or(c.memory_mb),
-                rev: 0,
-            },
-            None => match (self.max_instances, self.cpu_milli, self.memory_mb) {
-                (Some(max_instances), Some(cpu_milli), Some(memory_mb)) => Budget {
-                    app: self.app,
-                    max_instances,
-                    cpu_milli,
-                    memory_mb,
-                    rev: 0,
-                },
-                _ => {
-                    return Err(ProtoError::bad_args(format!(
-                        "app {} has no budget yet: give max_instances=, cpu_milli= and memory_mb=",
-                        self.app
-                    )));
-                }
-            },
+        let patch = BudgetPatch {
+            app: self.app,
+            max_instances: self.max_instances,
+            cpu_milli: self.cpu_milli,
+            memory_mb: self.memory_mb,
         };
-        ok(s.shared.write(Mutation::PutBudget(budget)).await?)
+        ok(s.shared.write(Mutation::PatchBudget(patch)).await?)
     }
 }
 

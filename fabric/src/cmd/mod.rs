@@ -174,6 +174,42 @@ impl Command {
     }
 }
 
+/// Verbs that run before AUTH.
+pub fn is_session_verb(verb: &str) -> bool {
+    matches!(verb, "PING" | "QUIT" | "INFO" | "AUTH")
+}
+
+/// The canonical spelling of a known verb (for metrics labels).
+pub fn known_verb(verb: &str) -> Option<&'static str> {
+    const VERBS: [&str; 24] = [
+        "PING",
+        "QUIT",
+        "INFO",
+        "AUTH",
+        "TOKEN.CREATE",
+        "STATUS",
+        "PLAN.SET",
+        "PLAN.GET",
+        "PLAN.LIST",
+        "PLAN.DEL",
+        "BUDGET.SET",
+        "BUDGET.GET",
+        "BUDGET.LIST",
+        "BUDGET.DEL",
+        "LEASE.GRANT",
+        "LEASE.RENEW",
+        "LEASE.REVOKE",
+        "ENDPOINT.REG",
+        "ENDPOINT.DEREG",
+        "ENDPOINT.LIST",
+        "NODE.REG",
+        "NODE.LIST",
+        "SUB",
+        "UNSUB",
+    ];
+    VERBS.iter().copied().find(|v| *v == verb)
+}
+
 /// `+OK fields\n`
 pub fn ok(fields: impl std::fmt::Display) -> Reply {
     let f = fields.to_string();

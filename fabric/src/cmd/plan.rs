@@ -3,12 +3,11 @@
 use std::sync::Arc;
 
 use mesh_common::Digest;
-use mesh_common::model::{self, Plan};
 use mesh_common::proto::{Args, Code, ProtoError};
 
 use super::{Reply, app_name, items, ok};
 use crate::connection::Session;
-use crate::state::Mutation;
+use crate::state::{Mutation, PlanPatch};
 
 const MAX_INSTANCES: u32 = 10_000;
 const MAX_MS: u64 = 24 * 3_600_000;
@@ -62,68 +61,28 @@ impl PlanSet {
     }
 
     pub async fn apply(self, s: &mut Session) -> Reply {
-        let current = s.shared.state.read().await.plans.get(&self.app).cloned();
-        let digest = match (self.digest, &current) {
-            (Some(d), _) => d,
-            (None, Some(p)) => p.digest,
-            (None, None) => {
-                return Err(ProtoError::bad_args(format!(
-                    "app {} has no plan yet: PLAN.SET needs digest= to create one",
-                    self.app
-                )));
-            }
-        };
         // The spore's own nutrients count against the budget; read them from its manifest
         // (the agents verify the signature; the fabric only needs the numbers and the name).
-        let (cpu_milli, memory_mb) = match &current {
-            Some(p) if p.digest == digest => (p.cpu_milli, p.memory_mb),
-            _ => spore_nutrients(s, &self.app, digest).await?,
+        let digest = match self.digest {
+            Some(d) => {
+                let (cpu, mem) = spore_nutrients(s, &self.app, d).await?;
+                Some((d, cpu, mem))
+            }
+            None => None,
         };
-        let min = self.min.or(current.as_ref().map(|p| p.min)).unwrap_or(1);
-        let max = self
-            .max
-            .or(current.as_ref().map(|p| p.max.max(min)))
-            .unwrap_or(min);
-        if max < min {
-            return Err(ProtoError::bad_args(format!(
-                "max={max} is below min={min}"
-            )));
-        }
-        let keep =
-            |new: Option<u64>, old: Option<u64>, default: u64| new.or(old).unwrap_or(default);
-        let c = current.as_ref();
-        let plan = Plan {
+        let patch = PlanPatch {
             app: self.app,
             digest,
-            min,
-            max,
-            port: self.port.or(c.map(|p| p.port)).unwrap_or(0),
-            health: self.health.or(c.and_then(|p| p.health.clone())),
-            min_healthy_ms: keep(
-                self.min_healthy_ms,
-                c.map(|p| p.min_healthy_ms),
-                model::PLAN_DEFAULT_MIN_HEALTHY_MS,
-            ),
-            max_parallel: self
-                .max_parallel
-                .or(c.map(|p| p.max_parallel))
-                .unwrap_or(model::PLAN_DEFAULT_MAX_PARALLEL),
-            drain_ms: keep(
-                self.drain_ms,
-                c.map(|p| p.drain_ms),
-                model::PLAN_DEFAULT_DRAIN_MS,
-            ),
-            deadline_ms: keep(
-                self.deadline_ms,
-                c.map(|p| p.deadline_ms),
-                model::PLAN_DEFAULT_DEADLINE_MS,
-            ),
-            cpu_milli,
-            memory_mb,
-            rev: 0,
+            min: self.min,
+            max: self.max,
+            port: self.port,
+            health: self.health,
+            min_healthy_ms: self.min_healthy_ms,
+            max_parallel: self.max_parallel,
+            drain_ms: self.drain_ms,
+            deadline_ms: self.deadline_ms,
         };
-        let reply = s.shared.write(Mutation::PutPlan(plan)).await?;
-        ok(reply)
+        ok(s.shared.write(Mutation::PatchPlan(patch)).await?)
     }
 }
 

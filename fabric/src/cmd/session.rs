@@ -52,6 +52,8 @@ impl Auth {
                 ok(Fields::new().add("role", r.role).add("name", &r.name))
             }
             None => {
+                // A failed AUTH leaves the connection unauthenticated, whatever it was before.
+                s.role = None;
                 tracing::info!(peer = %s.peer, "authentication failed");
                 Err(ProtoError::new(
                     Code::AuthFailed,

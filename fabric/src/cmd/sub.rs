@@ -89,11 +89,13 @@ impl Sub {
         // Queued while still holding the lock, so it precedes every later event. Never wait
         // here: a client that does not read must not stall the writer.
         if s.handle.tx.try_send(out).is_err() {
+            // Same rule as for events: a connection that does not read is closed.
             subs.remove(id, s.handle.id);
-            return Err(ProtoError::new(
-                Code::SlowConsumer,
-                "the connection's queue is full; read your replies",
-            ));
+            s.handle.mark_slow();
+            s.shared
+                .metrics
+                .slow_consumers
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
         Ok(None)
     }
