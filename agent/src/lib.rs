@@ -1,7 +1,22 @@
 //! Node agent of Mycelium Mesh.
 //!
-//! Watches plans from the fabric, fetches and verifies spores by digest, extracts them into
-//! fresh run dirs, spawns them into their own cgroups (clone3 with CLONE_PIDFD |
-//! CLONE_INTO_CGROUP), supervises them through pidfds, health-checks them, registers their
-//! endpoints, rolls out new versions blue/green and re-adopts live instances after a restart.
-//! eBPF accounting is loaded from `mesh-ebpf` (issues #4, #5, #7).
+//! Runs spores as supervised processes: each instance in its own cgroup (nutrients as
+//! limits), started with clone3 into that cgroup, watched and signalled only through its
+//! pidfd, as an unprivileged user with capabilities dropped, its output in a rotated log file,
+//! its identity on disk so that a restarted agent re-adopts it. Plans from the fabric, health
+//! checks, endpoints and blue/green build on the [`supervisor::Supervisor`] (issue #5); eBPF
+//! accounting joins from `mesh-ebpf` (issue #7).
+//!
+//! Modules: `cgroup` (layout, tree, limits), `spawn` (clone3 / fork fallback, privilege drop),
+//! `pidfd`, `procfs` (identity), `users`, `capabilities`, `logs`, `record` (state on disk),
+//! `supervisor` (start, watch, stop, adopt).
+
+pub mod capabilities;
+pub mod cgroup;
+pub mod logs;
+pub mod pidfd;
+pub mod procfs;
+pub mod record;
+pub mod spawn;
+pub mod supervisor;
+pub mod users;
