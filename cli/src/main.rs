@@ -7,6 +7,7 @@ mod deploy;
 mod fabric_client;
 mod fabric_cmd;
 mod key;
+mod logs_cmd;
 mod output;
 mod spore;
 
@@ -57,6 +58,8 @@ enum Command {
     Ps(deploy::PsCmd),
     /// List the Ready endpoints of an app (or of all apps).
     Endpoints(deploy::EndpointsCmd),
+    /// Show (and follow) the output of an app's instances on this node.
+    Logs(logs_cmd::LogsCmd),
 }
 
 /// Logs for daemons: to stderr, level from MESH_LOG (default info).
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Budget(cmd) => deploy::budget(cmd),
         Command::Ps(cmd) => deploy::ps(cmd),
         Command::Endpoints(cmd) => deploy::endpoints(cmd),
+        Command::Logs(cmd) => logs_cmd::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
