@@ -182,6 +182,100 @@ impl Node {
     }
 }
 
+/// A slot of an app's plan placed on a node: the fabric assigns, the node runs it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Assignment {
+    pub app: String,
+    pub slot: u32,
+    pub node: String,
+    pub rev: u64,
+}
+
+impl Assignment {
+    pub fn to_fields(&self) -> Fields {
+        Fields::new()
+            .add("app", &self.app)
+            .add("rev", self.rev)
+            .add("slot", self.slot)
+            .add("node", &self.node)
+    }
+
+    pub fn from_fields(s: &str) -> Result<Self, String> {
+        let f = parse_fields(s);
+        Ok(Assignment {
+            app: req(&f, "app")?.to_string(),
+            slot: num(&f, "slot")?,
+            node: req(&f, "node")?.to_string(),
+            rev: num(&f, "rev")?,
+        })
+    }
+}
+
+/// What an agent reports about one instance (soft state: it goes with the node's lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    pub app: String,
+    pub instance: String,
+    pub node: String,
+    pub slot: u32,
+    pub digest: Digest,
+    /// launching, ready, unhealthy, draining, failed, crashloop, backoff.
+    pub state: String,
+    /// 0 when no process runs.
+    pub pid: u32,
+    pub port: u16,
+    pub restarts: u32,
+    /// Last exit or failure, short and machine-readable: `-`, `exit:3`, `signal:9`, `oom`,
+    /// `unhealthy`, `deadline`, `verify`, `fetch`, `start`.
+    pub reason: String,
+    /// Free text for humans (percent-encoded on the wire).
+    pub message: String,
+    /// Unix seconds when the instance entered its current process lifetime.
+    pub since: u64,
+    pub lease: u64,
+    pub rev: u64,
+}
+
+impl InstanceStatus {
+    pub fn to_fields(&self) -> Fields {
+        Fields::new()
+            .add("app", &self.app)
+            .add("rev", self.rev)
+            .add("instance", &self.instance)
+            .add("node", &self.node)
+            .add("slot", self.slot)
+            .add("digest", self.digest)
+            .add("state", &self.state)
+            .add("pid", self.pid)
+            .add("port", self.port)
+            .add("restarts", self.restarts)
+            .add("reason", &self.reason)
+            .add("msg", crate::proto::encode_text(&self.message))
+            .add("since", self.since)
+            .add("lease", self.lease)
+    }
+
+    pub fn from_fields(s: &str) -> Result<Self, String> {
+        let f = parse_fields(s);
+        Ok(InstanceStatus {
+            app: req(&f, "app")?.to_string(),
+            instance: req(&f, "instance")?.to_string(),
+            node: req(&f, "node")?.to_string(),
+            slot: num(&f, "slot")?,
+            digest: req(&f, "digest")?.parse().map_err(|e| format!("{e}"))?,
+            state: req(&f, "state")?.to_string(),
+            pid: num(&f, "pid")?,
+            port: num(&f, "port")?,
+            restarts: num(&f, "restarts")?,
+            reason: req(&f, "reason")?.to_string(),
+            message: crate::proto::decode_text(field(&f, "msg").unwrap_or("")),
+            since: num(&f, "since")?,
+            lease: num(&f, "lease")?,
+            rev: num(&f, "rev")?,
+        })
+    }
+}
+
 /// Names of things (apps, nodes, instances) on the wire: 1..=63 bytes of a-z, 0-9, '-', '_',
 /// '.', starting with a letter or digit.
 pub fn check_name(kind: &str, s: &str) -> Result<(), String> {
@@ -259,6 +353,39 @@ mod tests {
             rev: 2,
         };
         assert_eq!(Node::from_fields(n.to_fields().as_str()).unwrap(), n);
+    }
+
+    #[test]
+    fn placement_types_round_trip() {
+        let a = Assignment {
+            app: "hello".into(),
+            slot: 1,
+            node: "n1".into(),
+            rev: 5,
+        };
+        assert_eq!(Assignment::from_fields(a.to_fields().as_str()).unwrap(), a);
+        let i = InstanceStatus {
+            app: "hello".into(),
+            instance: "hello-s1-75a06912".into(),
+            node: "n1".into(),
+            slot: 1,
+            digest: Digest::of(b"x"),
+            state: "failed".into(),
+            pid: 0,
+            port: 20001,
+            restarts: 2,
+            reason: "verify".into(),
+            message: "signature by key 3f2a is not trusted (100% sure)".into(),
+            since: 1_700_000_000,
+            lease: 3,
+            rev: 9,
+        };
+        let line = i.to_fields();
+        assert!(
+            !line.as_str().contains("key 3f2a"),
+            "spaces are encoded: {line}"
+        );
+        assert_eq!(InstanceStatus::from_fields(line.as_str()).unwrap(), i);
     }
 
     #[test]

@@ -389,6 +389,43 @@ impl ServerLine {
     }
 }
 
+/// Free text as one field value: `%`, spaces and anything not printable ASCII are
+/// percent-encoded (UTF-8 bytes), so the value holds no space and never breaks a line.
+pub fn encode_text(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_graphic() && b != b'%' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// The inverse of [`encode_text`]; malformed escapes are kept as they are.
+pub fn decode_text(s: &str) -> String {
+    fn hex(b: u8) -> Option<u8> {
+        (b as char).to_digit(16).map(|d| d as u8)
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 /// Parses `key=value key=value` into pairs (the inverse of [`Fields`]).
 pub fn parse_fields(s: &str) -> Vec<(&str, &str)> {
     s.split(' ')
@@ -503,6 +540,23 @@ mod tests {
             }
         );
         assert_eq!(parse_fields("a=1 b=x=y"), vec![("a", "1"), ("b", "x=y")]);
+        for t in [
+            "plain",
+            "two words",
+            "100% sure",
+            "é ü \n tab\t",
+            "%zz%",
+            "%aé",
+        ] {
+            let e = encode_text(t);
+            assert!(e.bytes().all(|b| b.is_ascii_graphic()), "{e}");
+            assert_eq!(decode_text(&e), t);
+        }
+        assert_eq!(
+            decode_text("%aé%4"),
+            "%aé%4",
+            "malformed escapes survive, no panic"
+        );
         for c in Code::ALL {
             assert_eq!(c.as_str().parse::<Code>(), Ok(c));
         }

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::state::{Event, Topic};
+use crate::state::{Event, Filter, Topic};
 
 /// The writer's view of one connection: where its lines go and how to stop it.
 pub struct ConnHandle {
@@ -49,7 +49,7 @@ impl ConnHandle {
 struct Subscription {
     id: u64,
     conn: Arc<ConnHandle>,
-    app: Option<String>,
+    filter: Filter,
 }
 
 /// Every live subscription, by topic.
@@ -60,13 +60,13 @@ pub struct Subscribers {
 }
 
 impl Subscribers {
-    pub fn add(&mut self, conn: Arc<ConnHandle>, topic: Topic, app: Option<String>) -> u64 {
+    pub fn add(&mut self, conn: Arc<ConnHandle>, topic: Topic, filter: Filter) -> u64 {
         self.next_id += 1;
         let id = self.next_id;
         self.by_topic
             .entry(topic)
             .or_default()
-            .push(Subscription { id, conn, app });
+            .push(Subscription { id, conn, filter });
         id
     }
 
@@ -110,11 +110,12 @@ impl Subscribers {
             let Some(subs) = self.by_topic.get(&ev.topic()) else {
                 continue;
             };
+            let parts = ev.parts();
             for s in subs {
-                if s.app.as_deref().is_some_and(|a| ev.app() != Some(a)) || s.conn.is_slow() {
+                if !s.filter.matches(ev) || s.conn.is_slow() {
                     continue;
                 }
-                match s.conn.tx.try_send(ev.line(s.id)) {
+                match s.conn.tx.try_send(parts.line(s.id)) {
                     Ok(()) => sent += 1,
                     Err(mpsc::error::TrySendError::Full(_)) => {
                         s.conn.mark_slow();
@@ -152,9 +153,16 @@ mod tests {
         let a = ConnHandle::new(1, tx_a);
         let b = ConnHandle::new(2, tx_b);
         let mut subs = Subscribers::default();
-        let sa = subs.add(a.clone(), Topic::Plans, None);
-        subs.add(b.clone(), Topic::Plans, Some("x".into()));
-        subs.add(b.clone(), Topic::Endpoints, None);
+        let sa = subs.add(a.clone(), Topic::Plans, Filter::default());
+        subs.add(
+            b.clone(),
+            Topic::Plans,
+            Filter {
+                app: Some("x".into()),
+                node: None,
+            },
+        );
+        subs.add(b.clone(), Topic::Endpoints, Filter::default());
         assert_eq!(subs.publish(&[ev("x", 1), ev("y", 2)]), (3, 0));
         assert_eq!(
             rx_a.try_recv().unwrap(),

@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use mesh_common::Digest;
-use mesh_common::model::{self, Budget, Endpoint, Node, Plan};
+use mesh_common::model::{self, Assignment, Budget, Endpoint, InstanceStatus, Node, Plan};
 use mesh_common::proto::{Code, Fields, ProtoError};
 use serde::{Deserialize, Serialize};
 
@@ -37,13 +37,47 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum EventKind {
     PlanPut(Plan),
-    PlanDel { app: String },
+    PlanDel {
+        app: String,
+    },
     BudgetPut(Budget),
-    BudgetDel { app: String },
+    BudgetDel {
+        app: String,
+    },
     EndpointPut(Endpoint),
-    EndpointDel { endpoint: Endpoint, reason: String },
+    EndpointDel {
+        endpoint: Endpoint,
+        reason: String,
+    },
     NodePut(Node),
-    NodeDel { node: String, reason: String },
+    NodeDel {
+        node: String,
+        reason: String,
+    },
+    AssignmentPut(Assignment),
+    AssignmentDel {
+        assignment: Assignment,
+        reason: String,
+    },
+    InstancePut(InstanceStatus),
+    InstanceDel {
+        instance: InstanceStatus,
+        reason: String,
+    },
+}
+
+/// Which events of a topic a subscription wants.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub app: Option<String>,
+    pub node: Option<String>,
+}
+
+impl Filter {
+    pub fn matches(&self, e: &Event) -> bool {
+        self.app.as_deref().is_none_or(|a| e.app() == Some(a))
+            && self.node.as_deref().is_none_or(|n| e.node() == Some(n))
+    }
 }
 
 /// What a subscription is about.
@@ -53,6 +87,8 @@ pub enum Topic {
     Budgets,
     Endpoints,
     Nodes,
+    Assignments,
+    Instances,
 }
 
 impl Topic {
@@ -62,6 +98,8 @@ impl Topic {
             "budgets" => Some(Topic::Budgets),
             "endpoints" => Some(Topic::Endpoints),
             "nodes" => Some(Topic::Nodes),
+            "assignments" => Some(Topic::Assignments),
+            "instances" => Some(Topic::Instances),
             _ => None,
         }
     }
@@ -74,6 +112,8 @@ impl Event {
             EventKind::BudgetPut(_) | EventKind::BudgetDel { .. } => Topic::Budgets,
             EventKind::EndpointPut(_) | EventKind::EndpointDel { .. } => Topic::Endpoints,
             EventKind::NodePut(_) | EventKind::NodeDel { .. } => Topic::Nodes,
+            EventKind::AssignmentPut(_) | EventKind::AssignmentDel { .. } => Topic::Assignments,
+            EventKind::InstancePut(_) | EventKind::InstanceDel { .. } => Topic::Instances,
         }
     }
 
@@ -85,46 +125,115 @@ impl Event {
             EventKind::BudgetPut(b) => Some(&b.app),
             EventKind::EndpointPut(e) | EventKind::EndpointDel { endpoint: e, .. } => Some(&e.app),
             EventKind::NodePut(_) | EventKind::NodeDel { .. } => None,
+            EventKind::AssignmentPut(a) | EventKind::AssignmentDel { assignment: a, .. } => {
+                Some(&a.app)
+            }
+            EventKind::InstancePut(i) | EventKind::InstanceDel { instance: i, .. } => Some(&i.app),
+        }
+    }
+
+    /// The node the event is about, for subscriptions filtered by node.
+    pub fn node(&self) -> Option<&str> {
+        match &self.kind {
+            EventKind::EndpointPut(e) | EventKind::EndpointDel { endpoint: e, .. } => Some(&e.node),
+            EventKind::NodePut(n) => Some(&n.id),
+            EventKind::NodeDel { node, .. } => Some(node),
+            EventKind::AssignmentPut(a) | EventKind::AssignmentDel { assignment: a, .. } => {
+                Some(&a.node)
+            }
+            EventKind::InstancePut(i) | EventKind::InstanceDel { instance: i, .. } => Some(&i.node),
+            _ => None,
         }
     }
 
     /// The event line for subscription `sub`: `> kind sub=N op=put|del rev=R ...`.
     pub fn line(&self, sub: u64) -> String {
-        let head = |kind: &str, op: &str| format!("> {kind} sub={sub} op={op}");
-        match &self.kind {
-            EventKind::PlanPut(p) => format!("{} {}", head("plan", "put"), p.to_fields()),
-            EventKind::PlanDel { app } => {
-                format!(
-                    "{} {}",
-                    head("plan", "del"),
-                    Fields::new().add("app", app).add("rev", self.rev)
-                )
-            }
-            EventKind::BudgetPut(b) => format!("{} {}", head("budget", "put"), b.to_fields()),
-            EventKind::BudgetDel { app } => {
-                format!(
-                    "{} {}",
-                    head("budget", "del"),
-                    Fields::new().add("app", app).add("rev", self.rev)
-                )
-            }
-            EventKind::EndpointPut(e) => format!("{} {}", head("endpoint", "put"), e.to_fields()),
-            EventKind::EndpointDel { endpoint, reason } => {
-                let mut e = endpoint.clone();
-                e.rev = self.rev;
-                format!(
-                    "{} {} reason={reason}",
-                    head("endpoint", "del"),
-                    e.to_fields()
-                )
-            }
-            EventKind::NodePut(n) => format!("{} {}", head("node", "put"), n.to_fields()),
-            EventKind::NodeDel { node, reason } => format!(
-                "{} {} reason={reason}",
-                head("node", "del"),
-                Fields::new().add("node", node).add("rev", self.rev)
+        self.parts().line(sub)
+    }
+
+    /// The line without its subscription id, formatted once per event and completed per
+    /// subscriber: fan-out to many subscribers costs a copy each, not a formatting each.
+    pub fn parts(&self) -> LineParts {
+        let (kind, op, fields, reason): (&str, &str, Fields, Option<&str>) = match &self.kind {
+            EventKind::PlanPut(p) => ("plan", "put", p.to_fields(), None),
+            EventKind::PlanDel { app } => (
+                "plan",
+                "del",
+                Fields::new().add("app", app).add("rev", self.rev),
+                None,
             ),
+            EventKind::BudgetPut(b) => ("budget", "put", b.to_fields(), None),
+            EventKind::BudgetDel { app } => (
+                "budget",
+                "del",
+                Fields::new().add("app", app).add("rev", self.rev),
+                None,
+            ),
+            EventKind::EndpointPut(e) => ("endpoint", "put", e.to_fields(), None),
+            EventKind::EndpointDel { endpoint, reason } => (
+                "endpoint",
+                "del",
+                Endpoint {
+                    rev: self.rev,
+                    ..endpoint.clone()
+                }
+                .to_fields(),
+                Some(reason),
+            ),
+            EventKind::NodePut(n) => ("node", "put", n.to_fields(), None),
+            EventKind::NodeDel { node, reason } => (
+                "node",
+                "del",
+                Fields::new().add("node", node).add("rev", self.rev),
+                Some(reason),
+            ),
+            EventKind::AssignmentPut(a) => ("assignment", "put", a.to_fields(), None),
+            EventKind::AssignmentDel { assignment, reason } => (
+                "assignment",
+                "del",
+                Assignment {
+                    rev: self.rev,
+                    ..assignment.clone()
+                }
+                .to_fields(),
+                Some(reason),
+            ),
+            EventKind::InstancePut(i) => ("instance", "put", i.to_fields(), None),
+            EventKind::InstanceDel { instance, reason } => (
+                "instance",
+                "del",
+                InstanceStatus {
+                    rev: self.rev,
+                    ..instance.clone()
+                }
+                .to_fields(),
+                Some(reason),
+            ),
+        };
+        let tail = match reason {
+            Some(r) => format!(" op={op} {fields} reason={r}"),
+            None => format!(" op={op} {fields}"),
+        };
+        LineParts {
+            head: format!("> {kind} sub="),
+            tail,
         }
+    }
+}
+
+/// An event line split around its subscription id.
+pub struct LineParts {
+    head: String,
+    tail: String,
+}
+
+impl LineParts {
+    pub fn line(&self, sub: u64) -> String {
+        let mut s = String::with_capacity(self.head.len() + self.tail.len() + 8);
+        s.push_str(&self.head);
+        s.push_str(&sub.to_string());
+        s.push_str(&self.tail);
+        s
     }
 }
 
@@ -264,6 +373,11 @@ pub enum Mutation {
         instance: String,
     },
     PutNode(Node),
+    PutInstance(InstanceStatus),
+    DeleteInstance {
+        app: String,
+        instance: String,
+    },
     CreateToken {
         hash: String,
         record: TokenRecord,
@@ -279,6 +393,8 @@ impl Mutation {
             Mutation::PutPlan(_) => "put_plan",
             Mutation::PatchPlan(_) => "patch_plan",
             Mutation::PatchBudget(_) => "patch_budget",
+            Mutation::PutInstance(_) => "put_instance",
+            Mutation::DeleteInstance { .. } => "delete_instance",
             Mutation::DeletePlan { .. } => "delete_plan",
             Mutation::PutBudget(_) => "put_budget",
             Mutation::DeleteBudget { .. } => "delete_budget",
@@ -302,6 +418,10 @@ pub struct State {
     pub budgets: BTreeMap<String, Budget>,
     pub endpoints: BTreeMap<(String, String), Endpoint>,
     pub nodes: BTreeMap<String, Node>,
+    /// (app, slot) -> the node that runs it.
+    pub assignments: BTreeMap<(String, u32), Assignment>,
+    /// (app, instance) -> what its agent last reported.
+    pub instances: BTreeMap<(String, String), InstanceStatus>,
     pub leases: BTreeMap<u64, Lease>,
     pub tokens: HashMap<String, TokenRecord>,
     next_lease: u64,
@@ -371,6 +491,14 @@ impl State {
             .map(|(_, e)| ((e.app.clone(), e.instance.clone()), e))
             .collect();
         st.nodes = rows::<Node>(storage, Table::Nodes)?.into_iter().collect();
+        st.assignments = rows::<Assignment>(storage, Table::Assignments)?
+            .into_iter()
+            .map(|(_, a)| ((a.app.clone(), a.slot), a))
+            .collect();
+        st.instances = rows::<InstanceStatus>(storage, Table::Instances)?
+            .into_iter()
+            .map(|(_, i)| ((i.app.clone(), i.instance.clone()), i))
+            .collect();
         let now = Instant::now();
         st.leases = rows::<Lease>(storage, Table::Leases)?
             .into_iter()
@@ -443,7 +571,9 @@ impl State {
                 plan.rev = rev;
                 put(changes, Table::Plans, &plan.app, &plan);
                 self.plans.insert(plan.app.clone(), plan.clone());
+                let app = plan.app.clone();
                 self.emit(EventKind::PlanPut(plan), rev, changes, events);
+                self.reschedule(Some(&app), changes, events);
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::DeletePlan { app } => {
@@ -455,7 +585,13 @@ impl State {
                 }
                 let rev = self.next_rev(changes);
                 del(changes, Table::Plans, &app);
-                self.emit(EventKind::PlanDel { app }, rev, changes, events);
+                self.emit(
+                    EventKind::PlanDel { app: app.clone() },
+                    rev,
+                    changes,
+                    events,
+                );
+                self.reschedule(Some(&app), changes, events);
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::PutBudget(mut budget) => {
@@ -570,6 +706,49 @@ impl State {
                 put(changes, Table::Nodes, &node.id, &node);
                 self.nodes.insert(node.id.clone(), node.clone());
                 self.emit(EventKind::NodePut(node), rev, changes, events);
+                // A new or larger node may take slots that found no room so far.
+                self.reschedule(None, changes, events);
+                Ok(Fields::new().add("rev", rev))
+            }
+            Mutation::PutInstance(mut inst) => {
+                self.live_lease(inst.lease, now)?;
+                let key = (inst.app.clone(), inst.instance.clone());
+                if let Some(cur) = self.instances.get(&key) {
+                    inst.rev = cur.rev;
+                    if *cur == inst {
+                        return Ok(Fields::new().add("rev", cur.rev));
+                    }
+                }
+                let rev = self.next_rev(changes);
+                inst.rev = rev;
+                put(
+                    changes,
+                    Table::Instances,
+                    &endpoint_key(&inst.app, &inst.instance),
+                    &inst,
+                );
+                self.instances.insert(key, inst.clone());
+                self.emit(EventKind::InstancePut(inst), rev, changes, events);
+                Ok(Fields::new().add("rev", rev))
+            }
+            Mutation::DeleteInstance { app, instance } => {
+                let Some(inst) = self.instances.remove(&(app.clone(), instance.clone())) else {
+                    return Err(ProtoError::new(
+                        Code::NotFound,
+                        format!("no instance status for app {app} instance {instance}"),
+                    ));
+                };
+                let rev = self.next_rev(changes);
+                del(changes, Table::Instances, &endpoint_key(&app, &instance));
+                self.emit(
+                    EventKind::InstanceDel {
+                        instance: inst,
+                        reason: "removed".into(),
+                    },
+                    rev,
+                    changes,
+                    events,
+                );
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::CreateToken { hash, record } => {
@@ -633,6 +812,27 @@ impl State {
                 );
             }
         }
+        let insts: Vec<(String, String)> = self
+            .instances
+            .iter()
+            .filter(|(_, i)| i.lease == id)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in &insts {
+            if let Some(inst) = self.instances.remove(key) {
+                let rev = self.next_rev(changes);
+                del(changes, Table::Instances, &endpoint_key(&key.0, &key.1));
+                self.emit(
+                    EventKind::InstanceDel {
+                        instance: inst,
+                        reason: reason.to_string(),
+                    },
+                    rev,
+                    changes,
+                    events,
+                );
+            }
+        }
         for node in &nodes {
             self.nodes.remove(node);
             let rev = self.next_rev(changes);
@@ -647,7 +847,106 @@ impl State {
                 events,
             );
         }
-        eps.len() + nodes.len()
+        if !nodes.is_empty() {
+            // The lost nodes' slots go to the nodes that remain.
+            self.reschedule(None, changes, events);
+        }
+        eps.len() + nodes.len() + insts.len()
+    }
+
+    /// Places the slots of each plan (of `only`, or of all apps) on nodes: slots beyond a
+    /// plan's `min` and slots on lost nodes are released; free slots go to the live node with
+    /// the fewest instances of the app, then the fewest in all, within `max_instances`.
+    /// Placed slots never move while their node lives.
+    fn reschedule(
+        &mut self,
+        only: Option<&str>,
+        changes: &mut Vec<Change>,
+        events: &mut Vec<Event>,
+    ) {
+        let apps: Vec<String> = match only {
+            Some(a) => vec![a.to_string()],
+            None => {
+                let mut v: Vec<String> = self.plans.keys().cloned().collect();
+                v.extend(self.assignments.keys().map(|(a, _)| a.clone()));
+                v.sort();
+                v.dedup();
+                v
+            }
+        };
+        for app in apps {
+            let want = self.plans.get(&app).map_or(0, |p| p.min);
+            let stale: Vec<((String, u32), &'static str)> = self
+                .assignments
+                .iter()
+                .filter(|((a, _), _)| *a == app)
+                .filter_map(|(k, asg)| {
+                    if k.1 >= want {
+                        Some((k.clone(), "scaled_down"))
+                    } else if !self.nodes.contains_key(&asg.node) {
+                        Some((k.clone(), "node_lost"))
+                    } else {
+                        None
+                    }
+                })
+                .collect();
+            for (key, reason) in stale {
+                if let Some(a) = self.assignments.remove(&key) {
+                    let rev = self.next_rev(changes);
+                    del(changes, Table::Assignments, &format!("{}/{}", key.0, key.1));
+                    self.emit(
+                        EventKind::AssignmentDel {
+                            assignment: a,
+                            reason: reason.into(),
+                        },
+                        rev,
+                        changes,
+                        events,
+                    );
+                }
+            }
+            for slot in 0..want {
+                if self.assignments.contains_key(&(app.clone(), slot)) {
+                    continue;
+                }
+                let Some(node) = self.pick_node(&app) else {
+                    break; // no room anywhere: the slot waits for a node
+                };
+                let rev = self.next_rev(changes);
+                let a = Assignment {
+                    app: app.clone(),
+                    slot,
+                    node,
+                    rev,
+                };
+                put(changes, Table::Assignments, &format!("{app}/{slot}"), &a);
+                self.assignments.insert((app.clone(), slot), a.clone());
+                self.emit(EventKind::AssignmentPut(a), rev, changes, events);
+            }
+        }
+    }
+
+    fn pick_node(&self, app: &str) -> Option<String> {
+        let mut total: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut of_app: BTreeMap<&str, u32> = BTreeMap::new();
+        for a in self.assignments.values() {
+            *total.entry(&a.node).or_default() += 1;
+            if a.app == app {
+                *of_app.entry(&a.node).or_default() += 1;
+            }
+        }
+        self.nodes
+            .values()
+            .filter(|n| total.get(n.id.as_str()).copied().unwrap_or(0) < n.max_instances)
+            .min_by_key(|n| {
+                let id = n.id.as_str();
+                (
+                    of_app.get(id).copied().unwrap_or(0),
+                    total.get(id).copied().unwrap_or(0),
+                    id,
+                )
+            })
+            .map(|n| n.id.clone())
     }
 
     /// A lease that exists and whose deadline has not passed (the expiry timer may not have
@@ -664,61 +963,55 @@ impl State {
         self.leases.values().map(|l| l.deadline).min()
     }
 
-    /// The current objects of a topic as events (each with its own revision), for a
-    /// subscription's first replay.
-    pub fn snapshot(&self, topic: Topic, app: Option<&str>) -> Vec<Event> {
-        let keep = |a: &str| app.is_none_or(|want| want == a);
-        match topic {
+    /// The current objects of a topic that pass `filter`, as events (each with its own
+    /// revision), for a subscription's first replay.
+    pub fn snapshot(&self, topic: Topic, filter: &Filter) -> Vec<Event> {
+        let ev = |rev, kind| Event { rev, kind };
+        let all: Vec<Event> = match topic {
             Topic::Plans => self
                 .plans
                 .values()
-                .filter(|p| keep(&p.app))
-                .map(|p| Event {
-                    rev: p.rev,
-                    kind: EventKind::PlanPut(p.clone()),
-                })
+                .map(|p| ev(p.rev, EventKind::PlanPut(p.clone())))
                 .collect(),
             Topic::Budgets => self
                 .budgets
                 .values()
-                .filter(|b| keep(&b.app))
-                .map(|b| Event {
-                    rev: b.rev,
-                    kind: EventKind::BudgetPut(b.clone()),
-                })
+                .map(|b| ev(b.rev, EventKind::BudgetPut(b.clone())))
                 .collect(),
             Topic::Endpoints => self
                 .endpoints
                 .values()
-                .filter(|e| keep(&e.app))
-                .map(|e| Event {
-                    rev: e.rev,
-                    kind: EventKind::EndpointPut(e.clone()),
-                })
+                .map(|e| ev(e.rev, EventKind::EndpointPut(e.clone())))
                 .collect(),
             Topic::Nodes => self
                 .nodes
                 .values()
-                .map(|n| Event {
-                    rev: n.rev,
-                    kind: EventKind::NodePut(n.clone()),
-                })
+                .map(|n| ev(n.rev, EventKind::NodePut(n.clone())))
                 .collect(),
-        }
+            Topic::Assignments => self
+                .assignments
+                .values()
+                .map(|a| ev(a.rev, EventKind::AssignmentPut(a.clone())))
+                .collect(),
+            Topic::Instances => self
+                .instances
+                .values()
+                .map(|i| ev(i.rev, EventKind::InstancePut(i.clone())))
+                .collect(),
+        };
+        all.into_iter().filter(|e| filter.matches(e)).collect()
     }
 
     /// The events after `from` for a resuming subscriber, or `None` when the log no longer
     /// reaches back that far (or `from` is from the future): then it needs a full replay.
-    pub fn events_since(&self, from: u64, topic: Topic, app: Option<&str>) -> Option<Vec<Event>> {
+    pub fn events_since(&self, from: u64, topic: Topic, filter: &Filter) -> Option<Vec<Event>> {
         if from < self.log_floor || from > self.rev {
             return None;
         }
         Some(
             self.log
                 .iter()
-                .filter(|e| {
-                    e.rev > from && e.topic() == topic && app.is_none_or(|a| e.app() == Some(a))
-                })
+                .filter(|e| e.rev > from && e.topic() == topic && filter.matches(e))
                 .cloned()
                 .collect(),
         )
@@ -947,23 +1240,143 @@ mod tests {
             h.apply(Mutation::PutPlan(plan(&format!("app{i}"), 1, 1)))
                 .unwrap();
         }
-        let since = h.st.events_since(3, Topic::Plans, None).unwrap();
+        let since =
+            h.st.events_since(3, Topic::Plans, &Filter::default())
+                .unwrap();
         assert_eq!(since.iter().map(|e| e.rev).collect::<Vec<_>>(), vec![4, 5]);
         assert_eq!(
-            h.st.events_since(3, Topic::Plans, Some("app4"))
-                .unwrap()
-                .len(),
+            h.st.events_since(
+                3,
+                Topic::Plans,
+                &Filter {
+                    app: Some("app4".into()),
+                    node: None
+                }
+            )
+            .unwrap()
+            .len(),
             1
         );
         assert!(
-            h.st.events_since(6, Topic::Plans, None).is_none(),
+            h.st.events_since(6, Topic::Plans, &Filter::default())
+                .is_none(),
             "from the future"
         );
         h.st.log_floor = 4;
         assert!(
-            h.st.events_since(3, Topic::Plans, None).is_none(),
+            h.st.events_since(3, Topic::Plans, &Filter::default())
+                .is_none(),
             "compacted away"
         );
+    }
+
+    fn placement(h: &Harness, app: &str) -> Vec<(u32, String)> {
+        h.st.assignments
+            .values()
+            .filter(|a| a.app == app)
+            .map(|a| (a.slot, a.node.clone()))
+            .collect()
+    }
+
+    #[test]
+    fn slots_are_spread_moved_off_lost_nodes_and_released_on_scale_down() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        h.apply_at(Mutation::GrantLease { ttl_ms: 1000 }, t0)
+            .unwrap(); // lease 1: n1
+        h.apply_at(Mutation::GrantLease { ttl_ms: 60_000 }, t0)
+            .unwrap(); // lease 2: n2
+        let node = |id: &str, lease, max| Node {
+            id: id.into(),
+            cpus: 2,
+            memory_mb: 1000,
+            max_instances: max,
+            lease,
+            rev: 0,
+        };
+        h.apply_at(Mutation::PutNode(node("n1", 1, 10)), t0)
+            .unwrap();
+        h.apply_at(Mutation::PutNode(node("n2", 2, 10)), t0)
+            .unwrap();
+        h.apply_at(Mutation::PutPlan(plan("a", 3, 3)), t0).unwrap();
+        assert_eq!(
+            placement(&h, "a"),
+            vec![(0, "n1".into()), (1, "n2".into()), (2, "n1".into())]
+        );
+        // n1's lease runs out: its slots move to n2; slot 1 stays where it was.
+        h.apply_at(Mutation::ExpireLeases, t0 + Duration::from_millis(1500))
+            .unwrap();
+        assert_eq!(
+            placement(&h, "a"),
+            vec![(0, "n2".into()), (1, "n2".into()), (2, "n2".into())]
+        );
+        let moved = h.events.iter().filter(|e| matches!(&e.kind, EventKind::AssignmentDel { reason, .. } if reason == "node_lost")).count();
+        assert_eq!(moved, 2);
+        h.apply_at(
+            Mutation::PatchPlan(PlanPatch {
+                app: "a".into(),
+                min: Some(1),
+                max: Some(1),
+                ..Default::default()
+            }),
+            t0,
+        )
+        .unwrap();
+        assert_eq!(placement(&h, "a"), vec![(0, "n2".into())]);
+        h.apply_at(Mutation::DeletePlan { app: "a".into() }, t0)
+            .unwrap();
+        assert!(placement(&h, "a").is_empty());
+    }
+
+    #[test]
+    fn slots_without_room_wait_for_a_node() {
+        let mut h = Harness::new();
+        let t0 = Instant::now();
+        h.apply_at(Mutation::GrantLease { ttl_ms: 60_000 }, t0)
+            .unwrap();
+        let node = |id: &str, max| Node {
+            id: id.into(),
+            cpus: 2,
+            memory_mb: 1000,
+            max_instances: max,
+            lease: 1,
+            rev: 0,
+        };
+        h.apply_at(Mutation::PutNode(node("small", 1)), t0).unwrap();
+        h.apply_at(Mutation::PutPlan(plan("a", 3, 3)), t0).unwrap();
+        assert_eq!(placement(&h, "a"), vec![(0, "small".into())]);
+        h.apply_at(Mutation::PutNode(node("big", 10)), t0).unwrap();
+        assert_eq!(
+            placement(&h, "a"),
+            vec![(0, "small".into()), (1, "big".into()), (2, "big".into())]
+        );
+        // Instance statuses go with their lease too.
+        let status = InstanceStatus {
+            app: "a".into(),
+            instance: "a-s0-x".into(),
+            node: "small".into(),
+            slot: 0,
+            digest: Digest::of(b"a"),
+            state: "ready".into(),
+            pid: 42,
+            port: 9000,
+            restarts: 0,
+            reason: "-".into(),
+            message: String::new(),
+            since: 0,
+            lease: 1,
+            rev: 0,
+        };
+        h.apply_at(Mutation::PutInstance(status.clone()), t0)
+            .unwrap();
+        let again = h.apply_at(Mutation::PutInstance(status), t0).unwrap();
+        assert_eq!(
+            again.as_str(),
+            format!("rev={}", h.st.rev),
+            "an unchanged status takes no revision"
+        );
+        h.apply_at(Mutation::RevokeLease { id: 1 }, t0).unwrap();
+        assert!(h.st.instances.is_empty() && h.st.nodes.is_empty() && h.st.assignments.is_empty());
     }
 
     #[test]

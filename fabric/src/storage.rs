@@ -31,10 +31,14 @@ pub enum Table {
     Tokens,
     /// Recent events by zero-padded revision, for subscribers that resume.
     Events,
+    Assignments,
+    Instances,
 }
 
 impl Table {
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 10] = [
+        Table::Assignments,
+        Table::Instances,
         Table::Meta,
         Table::Plans,
         Table::Budgets,
@@ -55,6 +59,8 @@ impl Table {
             Table::Leases => "leases",
             Table::Tokens => "tokens",
             Table::Events => "events",
+            Table::Assignments => "assignments",
+            Table::Instances => "instances",
         }
     }
 }

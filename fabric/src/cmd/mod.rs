@@ -3,6 +3,7 @@
 
 mod budget;
 mod endpoint;
+mod instance;
 mod lease;
 mod node;
 mod plan;
@@ -40,6 +41,10 @@ pub enum Command {
     NodeList,
     Sub(sub::Sub),
     Unsub(sub::Unsub),
+    AssignmentList(instance::AssignmentList),
+    InstanceSet(instance::InstanceSet),
+    InstanceDel(instance::InstanceDel),
+    InstanceList(instance::InstanceList),
 }
 
 /// The reply of a command: lines to queue, or `None` when the command queued them itself.
@@ -73,6 +78,10 @@ impl Command {
             "NODE.LIST" => Command::NodeList,
             "SUB" => Command::Sub(sub::Sub::parse(&mut a)?),
             "UNSUB" => Command::Unsub(sub::Unsub::parse(&mut a)?),
+            "ASSIGNMENT.LIST" => Command::AssignmentList(instance::AssignmentList::parse(&mut a)?),
+            "INSTANCE.SET" => Command::InstanceSet(instance::InstanceSet::parse(&mut a)?),
+            "INSTANCE.DEL" => Command::InstanceDel(instance::InstanceDel::parse(&mut a)?),
+            "INSTANCE.LIST" => Command::InstanceList(instance::InstanceList::parse(&mut a)?),
             other => {
                 let shown: String = other.chars().take(32).collect();
                 return Err(ProtoError::new(
@@ -112,6 +121,10 @@ impl Command {
             Command::NodeList => "NODE.LIST",
             Command::Sub(_) => "SUB",
             Command::Unsub(_) => "UNSUB",
+            Command::AssignmentList(_) => "ASSIGNMENT.LIST",
+            Command::InstanceSet(_) => "INSTANCE.SET",
+            Command::InstanceDel(_) => "INSTANCE.DEL",
+            Command::InstanceList(_) => "INSTANCE.LIST",
         }
     }
 
@@ -128,7 +141,9 @@ impl Command {
             | Command::LeaseRevoke(_)
             | Command::EndpointReg(_)
             | Command::EndpointDereg(_)
-            | Command::NodeReg(_) => Some(Access::Agent),
+            | Command::NodeReg(_)
+            | Command::InstanceSet(_)
+            | Command::InstanceDel(_) => Some(Access::Agent),
             Command::Status
             | Command::PlanGet(_)
             | Command::PlanList
@@ -137,7 +152,9 @@ impl Command {
             | Command::EndpointList(_)
             | Command::NodeList
             | Command::Sub(_)
-            | Command::Unsub(_) => Some(Access::Read),
+            | Command::Unsub(_)
+            | Command::AssignmentList(_)
+            | Command::InstanceList(_) => Some(Access::Read),
         }
     }
 
@@ -170,6 +187,10 @@ impl Command {
             Command::NodeList => node::list(s).await,
             Command::Sub(c) => c.apply(s).await,
             Command::Unsub(c) => c.apply(s).await,
+            Command::AssignmentList(c) => c.apply(s).await,
+            Command::InstanceSet(c) => c.apply(s).await,
+            Command::InstanceDel(c) => c.apply(s).await,
+            Command::InstanceList(c) => c.apply(s).await,
         }
     }
 }
@@ -181,7 +202,11 @@ pub fn is_session_verb(verb: &str) -> bool {
 
 /// The canonical spelling of a known verb (for metrics labels).
 pub fn known_verb(verb: &str) -> Option<&'static str> {
-    const VERBS: [&str; 24] = [
+    const VERBS: [&str; 28] = [
+        "ASSIGNMENT.LIST",
+        "INSTANCE.SET",
+        "INSTANCE.DEL",
+        "INSTANCE.LIST",
         "PING",
         "QUIT",
         "INFO",

@@ -3,17 +3,17 @@
 
 use mesh_common::proto::{Args, Code, Fields, ProtoError};
 
-use super::{Reply, app_name};
+use super::{Reply, app_name, name};
 use crate::connection::Session;
-use crate::state::Topic;
+use crate::state::{Filter, Topic};
 
 /// Most subscriptions on one connection.
 const MAX_SUBS_PER_CONN: usize = 64;
 
-/// `SUB <plans|budgets|endpoints|nodes> [app=NAME] [from=REV]`
+/// `SUB <plans|budgets|endpoints|nodes|assignments|instances> [app=NAME] [node=ID] [from=REV]`
 pub struct Sub {
     topic: Topic,
-    app: Option<String>,
+    filter: Filter,
     from: Option<u64>,
 }
 
@@ -22,7 +22,7 @@ impl Sub {
         let raw = a.positional("topic")?;
         let topic = Topic::parse(raw).ok_or_else(|| {
             ProtoError::bad_args(format!(
-                "topic {raw:?} is not one of plans, budgets, endpoints, nodes"
+                "topic {raw:?} is not one of plans, budgets, endpoints, nodes, assignments, instances"
             ))
         })?;
         let app = a
@@ -30,12 +30,18 @@ impl Sub {
             .filter(|a| *a != "*")
             .map(app_name)
             .transpose()?;
+        let node = a.get("node").map(|n| name("node", n)).transpose()?;
         if app.is_some() && topic == Topic::Nodes {
             return Err(ProtoError::bad_args("nodes are not per app; drop app="));
         }
+        if node.is_some() && matches!(topic, Topic::Plans | Topic::Budgets) {
+            return Err(ProtoError::bad_args(
+                "plans and budgets are not per node; drop node=",
+            ));
+        }
         Ok(Sub {
             topic,
-            app,
+            filter: Filter { app, node },
             from: a.number("from", 0..=u64::MAX)?,
         })
     }
@@ -46,11 +52,11 @@ impl Sub {
         let st = s.shared.state.read().await;
         let (replay, mode) = match self
             .from
-            .and_then(|f| st.events_since(f, self.topic, self.app.as_deref()))
+            .and_then(|f| st.events_since(f, self.topic, &self.filter))
         {
             Some(events) => (events, "resume"),
             None => (
-                st.snapshot(self.topic, self.app.as_deref()),
+                st.snapshot(self.topic, &self.filter),
                 if self.from.is_some() {
                     "reset"
                 } else {
@@ -70,7 +76,7 @@ impl Sub {
                 format!("at most {MAX_SUBS_PER_CONN} subscriptions per connection"),
             ));
         }
-        let id = subs.add(s.handle.clone(), self.topic, self.app);
+        let id = subs.add(s.handle.clone(), self.topic, self.filter);
         let mut out = format!(
             "+OK {}\n",
             Fields::new()
