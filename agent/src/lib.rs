@@ -13,10 +13,14 @@
 
 pub mod capabilities;
 pub mod cgroup;
+pub mod health;
 pub mod logs;
+pub mod machine;
+pub mod node;
 pub mod pidfd;
 pub mod procfs;
 pub mod record;
 pub mod spawn;
+pub mod spores;
 pub mod supervisor;
 pub mod users;

@@ -25,18 +25,47 @@ pub enum UserError {
 #[derive(Debug, Clone, Default)]
 pub struct UserMap {
     pub explicit: BTreeMap<String, Identity>,
+    /// Create missing users as system users (`useradd --system`), like systemd's DynamicUser
+    /// but persistent.
+    pub create_missing: bool,
 }
 
 impl UserMap {
     pub fn resolve(&self, name: &str) -> Result<Identity, UserError> {
         let id = match self.explicit.get(name) {
             Some(id) => *id,
-            None => lookup(name).ok_or_else(|| UserError::Unknown(name.to_string()))?,
+            None => match lookup(name) {
+                Some(id) => id,
+                None if self.create_missing => {
+                    create_system_user(name);
+                    lookup(name).ok_or_else(|| UserError::Unknown(name.to_string()))?
+                }
+                None => return Err(UserError::Unknown(name.to_string())),
+            },
         };
         if id.uid == 0 || id.gid == 0 {
             return Err(UserError::Root(name.to_string()));
         }
         Ok(id)
+    }
+}
+
+/// `useradd --system`: no home, no login shell. Failures show up as the lookup failing.
+fn create_system_user(name: &str) {
+    let status = std::process::Command::new("useradd")
+        .args([
+            "--system",
+            "--no-create-home",
+            "--user-group",
+            "--shell",
+            "/usr/sbin/nologin",
+            name,
+        ])
+        .status();
+    match status {
+        Ok(s) if s.success() => tracing::info!(user = name, "created a system user for spores"),
+        Ok(s) => tracing::warn!(user = name, "useradd failed ({s})"),
+        Err(e) => tracing::warn!(user = name, "cannot run useradd: {e}"),
     }
 }
 

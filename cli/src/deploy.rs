@@ -3,7 +3,7 @@
 use anyhow::{Result, bail};
 use clap::Args;
 use mesh_common::Digest;
-use mesh_common::model::{Budget, Endpoint, Plan};
+use mesh_common::model::{Budget, Endpoint, InstanceStatus, Plan};
 
 use crate::fabric_client::{FabricArgs, block_on};
 
@@ -202,7 +202,7 @@ pub fn budget(cmd: BudgetCmd) -> Result<()> {
 #[derive(Args)]
 pub struct PsCmd {
     /// One JSON array of instance objects (app, instance, node, state, pid, port, restarts,
-    /// digest, addr).
+    /// digest, slot, reason, message, age_s, registered).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -213,22 +213,26 @@ pub fn ps(cmd: PsCmd) -> Result<()> {
     block_on(async move {
         let mut c = cmd.fabric.connect().await?;
         let plans: Vec<Plan> = parse_items(&c.call("PLAN.LIST").await?.items, Plan::from_fields)?;
+        let insts: Vec<InstanceStatus> = parse_items(
+            &c.call("INSTANCE.LIST").await?.items,
+            InstanceStatus::from_fields,
+        )?;
         let eps: Vec<Endpoint> =
             parse_items(&c.call("ENDPOINT.LIST").await?.items, Endpoint::from_fields)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
         if cmd.json {
-            // Instances known to the fabric are the registered (Ready) endpoints; agents'
-            // per-instance state joins this list when they report it.
-            let rows: Vec<serde_json::Value> = eps
+            let rows: Vec<serde_json::Value> = insts
                 .iter()
-                .map(|e| {
-                    let digest = plans
-                        .iter()
-                        .find(|p| p.app == e.app)
-                        .map(|p| p.digest.to_string());
+                .map(|i| {
+                    let registered = eps.iter().any(|e| e.app == i.app && e.instance == i.instance);
                     serde_json::json!({
-                        "app": e.app, "instance": e.instance, "node": e.node, "state": "ready",
-                        "pid": null, "port": e.addr.port(), "restarts": null, "digest": digest,
-                        "addr": e.addr.to_string(),
+                        "app": i.app, "instance": i.instance, "node": i.node, "state": i.state,
+                        "pid": (i.pid != 0).then_some(i.pid), "port": i.port, "restarts": i.restarts,
+                        "digest": i.digest.to_string(), "slot": i.slot, "reason": i.reason,
+                        "message": i.message, "age_s": now.saturating_sub(i.since), "registered": registered,
                     })
                 })
                 .collect();
@@ -236,13 +240,13 @@ pub fn ps(cmd: PsCmd) -> Result<()> {
             return Ok(());
         }
         println!(
-            "{:<20} {:<14} {:>4} {:>4} {:>6} {:>6} {:>6}",
+            "{:<16} {:<14} {:>4} {:>4} {:>6} {:>6} {:>6}",
             "APP", "DIGEST", "MIN", "MAX", "PORT", "READY", "REV"
         );
         for p in &plans {
             let ready = eps.iter().filter(|e| e.app == p.app).count();
             println!(
-                "{:<20} {:<14} {:>4} {:>4} {:>6} {:>6} {:>6}",
+                "{:<16} {:<14} {:>4} {:>4} {:>6} {:>6} {:>6}",
                 p.app,
                 p.digest.short(),
                 p.min,
@@ -252,12 +256,43 @@ pub fn ps(cmd: PsCmd) -> Result<()> {
                 p.rev
             );
         }
-        if !eps.is_empty() {
+        if !insts.is_empty() {
             println!();
-            print_endpoints(&eps);
+            println!(
+                "{:<26} {:<12} {:<10} {:>7} {:>6} {:>8} {:<10} {:>6}  MESSAGE",
+                "INSTANCE", "NODE", "STATE", "PID", "PORT", "RESTARTS", "LAST EXIT", "AGE"
+            );
+            for i in &insts {
+                let pid = if i.pid == 0 {
+                    "-".to_string()
+                } else {
+                    i.pid.to_string()
+                };
+                println!(
+                    "{:<26} {:<12} {:<10} {:>7} {:>6} {:>8} {:<10} {:>6}  {}",
+                    i.instance,
+                    i.node,
+                    i.state,
+                    pid,
+                    i.port,
+                    i.restarts,
+                    i.reason,
+                    age(now.saturating_sub(i.since)),
+                    i.message
+                );
+            }
         }
         Ok(())
     })?
+}
+
+fn age(s: u64) -> String {
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86400 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86400),
+    }
 }
 
 #[derive(Args)]

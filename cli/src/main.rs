@@ -3,6 +3,7 @@
 //! Each subcommand lives in its own module; this file only parses arguments, dispatches and
 //! turns errors into one readable line and an exit code.
 
+mod agent_cmd;
 mod deploy;
 mod fabric_client;
 mod fabric_cmd;
@@ -38,6 +39,8 @@ enum Command {
     Spore(spore::SporeCommand),
     /// Run the control fabric (registry, budgets, pub/sub, blob service).
     Fabric(fabric_cmd::FabricCmd),
+    /// Run the node agent: follow the fabric's plans and supervise this node's spores (root).
+    Agent(Box<agent_cmd::AgentCmd>),
     /// Manage the fabric's access tokens.
     #[command(subcommand)]
     Token(fabric_cmd::TokenCmd),
@@ -80,6 +83,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key::run(cmd),
         Command::Spore(cmd) => spore::run(cmd),
         Command::Fabric(cmd) => fabric_cmd::run_fabric(cmd),
+        Command::Agent(cmd) => agent_cmd::run(*cmd),
         Command::Token(cmd) => fabric_cmd::run_token(cmd),
         Command::Status { fabric } => fabric_cmd::run_status(fabric),
         Command::Deploy(cmd) => deploy::deploy(cmd),

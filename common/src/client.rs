@@ -230,6 +230,7 @@ pub struct Subscription {
     cfg: ClientConfig,
     topic: String,
     app: Option<String>,
+    node: Option<String>,
     client: Option<Client>,
     /// Highest revision delivered; resumes start after it.
     last_rev: u64,
@@ -247,12 +248,18 @@ impl Subscription {
             cfg,
             topic: topic.to_string(),
             app: app.map(str::to_string),
+            node: None,
             client: None,
             last_rev: 0,
             synced: false,
             backoff: Duration::from_millis(50),
             last_ping: tokio::time::Instant::now(),
         }
+    }
+
+    /// Only events about this node (e.g. its slot assignments).
+    pub fn set_node(&mut self, node: &str) {
+        self.node = Some(node.to_string());
     }
 
     pub fn last_rev(&self) -> u64 {
@@ -323,6 +330,9 @@ impl Subscription {
         let mut line = format!("SUB {}", self.topic);
         if let Some(app) = &self.app {
             line.push_str(&format!(" app={app}"));
+        }
+        if let Some(node) = &self.node {
+            line.push_str(&format!(" node={node}"));
         }
         if self.synced {
             line.push_str(&format!(" from={}", self.last_rev));
