@@ -1,7 +1,8 @@
 //! The single writer: every mutation goes through one thread that applies a batch under the
-//! state's write lock, commits it durably in one storage transaction (group commit), publishes
-//! its events, and only then acknowledges each command. Readers wait at most one commit; no
-//! reader or subscriber ever sees a change that is not durable.
+//! state's write lock, commits it durably in one storage transaction (group commit),
+//! acknowledges each command, then publishes the events. Readers wait at most one commit; no
+//! reader or subscriber ever sees a change that is not durable. A command's reply and its own
+//! events on the same connection come in no fixed order.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -59,6 +60,15 @@ pub fn spawn(
                     }
                     shared.metrics.store_commit(t.elapsed());
                 }
+                // Durable now: acknowledge first, so that a write's latency does not grow
+                // with the number of subscribers its events fan out to.
+                for (reply, r) in replies {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(r);
+                    }
+                }
+                // Still under the write lock, so no new subscription can slip between the
+                // commit and its events.
                 if !events.is_empty() {
                     let (sent, slow) = st
                         .subscribers
@@ -72,11 +82,6 @@ pub fn spawn(
                         .fetch_add(slow, std::sync::atomic::Ordering::Relaxed);
                 }
                 drop(st);
-                for (reply, r) in replies {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(r);
-                    }
-                }
             }
         })
         .expect("spawning the fabric writer thread")
