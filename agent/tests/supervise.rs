@@ -34,14 +34,8 @@ impl Fixture {
             return None;
         }
         let layout = Layout::detect().unwrap();
-        let own = CgroupRoot::own(&layout);
         let unique = format!("mesh-test-{name}-{}", std::process::id());
-        // In pure v2 our own cgroup holds processes (this test), so it cannot hand controllers
-        // down: build beside it. On a hybrid host, below it is fine.
-        let root = match layout.mode {
-            Mode::Unified => own.parent().unwrap().child(&unique),
-            Mode::Hybrid => own.child(&unique),
-        };
+        let root = CgroupRoot::new_root(&layout, &unique);
         root.create().unwrap();
         let dir = tempfile::tempdir().unwrap();
         // The spore runs as nobody: it must be able to reach its run dir.

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use mesh_agent::cgroup::{CgroupRoot, Layout, Mode};
+use mesh_agent::cgroup::{CgroupRoot, Layout};
 use mesh_agent::node::{self, AgentConfig};
 use mesh_common::trust::TrustStore;
 
@@ -122,11 +122,7 @@ pub fn build_config(cmd: &AgentCmd) -> Result<AgentConfig> {
         None => (own, true),
         Some(name) => {
             mesh_common::model::check_name("cgroup root", name).map_err(anyhow::Error::msg)?;
-            // A v2 cgroup that holds the agent cannot hand controllers down: go beside it.
-            let root = match (layout.mode, own.parent()) {
-                (Mode::Unified, Some(parent)) => parent.child(name),
-                _ => own.child(name),
-            };
+            let root = CgroupRoot::new_root(&layout, name);
             root.create()
                 .with_context(|| format!("creating cgroup {}", root.v2.display()))?;
             (root, false)

@@ -12,7 +12,9 @@ use crate::{cargo, workspace_root};
 pub fn run(args: &[&str]) -> Result<()> {
     match args {
         ["spore"] | [] => spore(),
-        other => bail!("unknown benchmark {other:?}; known: spore"),
+        ["fabric"] => crate::bench_fabric::run(),
+        ["density"] => crate::bench_density::run(),
+        other => bail!("unknown benchmark {other:?}; known: spore, fabric, density"),
     }
 }
 

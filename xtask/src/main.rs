@@ -1,10 +1,16 @@
 //! Chores of Mycelium Mesh, so that the README stays two commands and CI calls the same entry
 //! points a developer does.
 //!
-//! - `cargo xtask test`: formatting, clippy, then every test of the workspace.
+//! - `cargo xtask test`: formatting, clippy, every test of the workspace, then `vm-test`.
+//! - `cargo xtask vm-test`: the root-only agent tests in a VM with a pure cgroup v2 kernel.
 //! - `cargo xtask bench spore`: pack/verify/extract cost and size overhead of the spore format.
+//! - `cargo xtask bench fabric`: fan-out latency to 1,000 subscribers, commands per second.
+//! - `cargo xtask bench density`: N supervised instances vs supervisord, s6, runit (root).
 
 mod bench;
+mod bench_density;
+mod bench_fabric;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -16,6 +22,10 @@ const USAGE: &str = "usage: cargo xtask <command>
 commands:
   test           cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
   bench spore    pack / verify / extract a 20 MiB binary with the release `mesh`
+  bench fabric   fan-out latency to 1,000 subscribers, commands/s on 1 and 64 connections
+  bench density  time and cost to bring up 100 to 5,000 instances vs supervisord, s6, runit (root)
+  vm-test [-p P] [-- ARGS]
+                 the root-only agent tests (vm_*, supervise) in a qemu VM with pure cgroup v2
 ";
 
 fn main() -> Result<()> {
@@ -24,6 +34,7 @@ fn main() -> Result<()> {
     match args.as_slice() {
         ["test"] => test(),
         ["bench", rest @ ..] => bench::run(rest),
+        ["vm-test", rest @ ..] => vm::run(rest),
         ["help" | "--help" | "-h"] | [] => {
             print!("{USAGE}");
             Ok(())
@@ -45,6 +56,8 @@ fn test() -> Result<()> {
         "warnings",
     ])?;
     cargo(&["test", "--workspace", "--locked"])?;
+    // The root-only supervisor tests again, on a pure cgroup v2 kernel.
+    vm::run(&[])?;
     Ok(())
 }
 

@@ -58,6 +58,19 @@ impl CgroupRoot {
         }
     }
 
+    /// Where a new root named `name` for a tree of ours goes: below this process's own
+    /// cgroup, except in pure v2 when that cgroup holds processes (this one) and is not the
+    /// hierarchy's root: such a cgroup cannot hand controllers down, so the new root goes
+    /// beside it.
+    pub fn new_root(layout: &Layout, name: &str) -> CgroupRoot {
+        let own = CgroupRoot::own(layout);
+        let own_is_root = layout.v2_self == Path::new("/");
+        match (layout.mode, own.parent()) {
+            (Mode::Unified, Some(parent)) if !own_is_root => parent.child(name),
+            _ => own.child(name),
+        }
+    }
+
     /// The parent of this root (for tests that need a cgroup beside their own).
     pub fn parent(&self) -> Option<CgroupRoot> {
         Some(CgroupRoot {
@@ -270,8 +283,10 @@ impl CgroupTree {
         agent.create()?;
         if move_self {
             agent.add_process(std::process::id())?;
-            root.enable_controllers()?;
         }
+        // The root hands the controllers down (it holds no processes: a fresh cgroup, or the
+        // agent's own once the agent moved out).
+        root.enable_controllers()?;
         base.enable_controllers()?;
         let spores = base.child("spores");
         spores.create()?;
