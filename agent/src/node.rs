@@ -90,7 +90,14 @@ enum Msg {
         ok: bool,
         detail: String,
     },
-    Lease(u64),
+    /// The fabric no longer knows this node's lease.
+    LeaseLost,
+    /// The node is registered under `lease`; `slots` are its assignments as of `rev`.
+    Registered {
+        lease: u64,
+        slots: Vec<(String, u32)>,
+        rev: u64,
+    },
     BlobUrl(String),
 }
 
@@ -129,6 +136,10 @@ struct Agent {
     assigned: BTreeSet<(String, u32)>,
     plans_synced: bool,
     assignments_synced: bool,
+    /// The node is registered in this run; until then nothing is drained or started.
+    node_registered: bool,
+    /// Assignment events up to this revision are already in `assigned`.
+    assign_floor: u64,
     insts: BTreeMap<String, Inst>,
     /// (app, slot, digest) that failed while an older version served: not retried until the
     /// plan changes (auto-revert).
@@ -180,6 +191,8 @@ pub async fn run(
         assigned: BTreeSet::new(),
         plans_synced: false,
         assignments_synced: false,
+        node_registered: false,
+        assign_floor: 0,
         insts: BTreeMap::new(),
         reverted: BTreeSet::new(),
     };
@@ -303,13 +316,31 @@ async fn lease_keeper(cfg: AgentConfig, tx: mpsc::UnboundedSender<Msg>) {
         match result {
             Ok(id) => {
                 if lease != Some(id) || !announced {
+                    // The registration may have moved slots here: read them as of now, so the
+                    // loop never acts on assignments from before the registration.
+                    let Ok(listed) = c.call("ASSIGNMENT.LIST").await else {
+                        client = None;
+                        continue;
+                    };
+                    let rev = listed.get("rev").and_then(|r| r.parse().ok()).unwrap_or(0);
+                    let slots = listed
+                        .items
+                        .iter()
+                        .filter_map(|i| Assignment::from_fields(i).ok())
+                        .filter(|a| a.node == cfg.node)
+                        .map(|a| (a.app, a.slot))
+                        .collect();
                     tracing::info!(lease = id, node = %cfg.node, "node registered");
                     let _ = mesh_common::fsutil::write_atomic(
                         &lease_file,
                         id.to_string().as_bytes(),
                         0o600,
                     );
-                    let _ = tx.send(Msg::Lease(id));
+                    let _ = tx.send(Msg::Registered {
+                        lease: id,
+                        slots,
+                        rev,
+                    });
                     announced = true;
                 }
                 lease = Some(id);
@@ -320,6 +351,8 @@ async fn lease_keeper(cfg: AgentConfig, tx: mpsc::UnboundedSender<Msg>) {
                     "the fabric lost this node's lease (down longer than its TTL?); registering again"
                 );
                 lease = None;
+                announced = false;
+                let _ = tx.send(Msg::LeaseLost);
             }
             Err(e) if e.is_transient() => {
                 client = None;
@@ -431,16 +464,31 @@ impl Agent {
                 SubEvent::Sync { .. } => self.plans_synced = true,
             },
             Msg::Assignments(ev) => match ev {
-                SubEvent::Reset => self.assigned.clear(),
+                SubEvent::Reset => {
+                    self.assigned.clear();
+                    self.assign_floor = 0;
+                }
                 SubEvent::Put(e) => {
                     if let Ok(a) = Assignment::from_fields(&e.fields)
                         && a.node == self.cfg.node
+                        && a.rev > self.assign_floor
                     {
                         self.assigned.insert((a.app, a.slot));
                     }
                 }
                 SubEvent::Del(e) => {
-                    if let Ok(a) = Assignment::from_fields(&e.fields) {
+                    if e.get("reason") == Some("node_lost") {
+                        // The fabric gave up on this node (its lease expired): hold everything
+                        // as it is until the node is registered again and knows its slots.
+                        if self.node_registered {
+                            tracing::warn!(
+                                "the fabric dropped this node; holding instances until it is registered again"
+                            );
+                        }
+                        self.node_registered = false;
+                    } else if let Ok(a) = Assignment::from_fields(&e.fields)
+                        && a.rev > self.assign_floor
+                    {
                         self.assigned.remove(&(a.app, a.slot));
                     }
                 }
@@ -507,8 +555,15 @@ impl Agent {
                 }
                 self.feed(&name, Input::Health(ok), now);
             }
-            Msg::Lease(id) => {
+            Msg::Registered {
+                lease: id,
+                slots,
+                rev,
+            } => {
                 self.lease = Some(id);
+                self.assigned = slots.into_iter().collect();
+                self.assign_floor = rev;
+                self.node_registered = true;
                 // Everything registered under the old lease is gone: register it again.
                 for (name, inst) in &mut self.insts {
                     inst.reported.clear();
@@ -524,6 +579,7 @@ impl Agent {
                 }
             }
             Msg::BlobUrl(url) => self.blob_url = Some(url),
+            Msg::LeaseLost => self.node_registered = false,
         }
     }
 
@@ -644,7 +700,11 @@ impl Agent {
             self.feed(n, Input::Tick, now);
         }
         // Until both views are complete, do not touch what runs (adopted instances included).
-        if self.plans_synced && self.assignments_synced && self.blob_url.is_some() {
+        if self.plans_synced
+            && self.assignments_synced
+            && self.node_registered
+            && self.blob_url.is_some()
+        {
             self.reconcile(now);
         }
         self.health_checks(now);

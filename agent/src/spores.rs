@@ -24,6 +24,9 @@ pub struct SporeCache {
     run_root: PathBuf,
     trust: TrustStore,
     versions: Mutex<VersionStore>,
+    /// One download at a time: instances of a new digest start together and must not fetch
+    /// the same blob into the same file twice.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl SporeCache {
@@ -40,6 +43,7 @@ impl SporeCache {
             run_root,
             trust,
             versions: Mutex::new(versions),
+            fetching: tokio::sync::Mutex::new(()),
         }))
     }
 
@@ -76,6 +80,8 @@ impl SporeCache {
         {
             return Ok((m, run_dir));
         }
+        let fetch_guard = self.fetching.lock().await;
+        // Checked under the lock: the instance that waited finds the blob its sibling fetched.
         if !self.store.contains(&digest) {
             let dl = self.downloads.join(format!("{}.spore", digest.hex()));
             mesh_common::blob::pull(blob_url, token, &digest, &dl, |_, _| {})
@@ -100,6 +106,7 @@ impl SporeCache {
                 fatal: false,
             })?;
         }
+        drop(fetch_guard);
         let this = self.clone();
         let (app, instance) = (app.to_string(), instance.to_string());
         tokio::task::spawn_blocking(move || this.verify_and_extract(&app, &instance, digest))

@@ -139,6 +139,8 @@ impl Fabric {
         create_private_dir(&data)?;
         let storage = RedbStorage::open(&data.join("fabric.redb"))?;
         let state = State::load(&storage)?;
+        let admin_token_path = data.join("admin.token");
+        let new_admin_token = prepare_admin_token(&state, &admin_token_path)?;
         let content = ContentStore::open(data.join("content"))?;
 
         let line_listener =
@@ -182,8 +184,9 @@ impl Fabric {
         });
         writer::spawn(shared.clone(), Box::new(storage) as Box<dyn Storage>, rx);
 
-        let admin_token_path = data.join("admin.token");
-        ensure_admin_token(&shared, &admin_token_path).await?;
+        if let Some(token) = new_admin_token {
+            register_admin_token(&shared, &token, &admin_token_path).await?;
+        }
 
         if config.blob_url.is_none() && http.ip().is_unspecified() {
             tracing::warn!(
@@ -230,12 +233,13 @@ fn create_private_dir(path: &Path) -> Result<(), FabricError> {
     Ok(())
 }
 
-/// On first start (no token at all) creates an admin token in DATA/admin.token (0600). The file
-/// is written before the token's hash is committed, so a crash in between leaves a file whose
-/// token the next start adopts.
-async fn ensure_admin_token(shared: &Shared, path: &Path) -> Result<(), FabricError> {
-    if !shared.state.read().await.tokens.is_empty() {
-        return Ok(());
+/// On first start (no token at all) writes an admin token to DATA/admin.token (0600) and
+/// returns it for registration. The file is written before the listeners open (so whoever sees
+/// the port open finds the file) and before the token's hash is committed (so a crash in
+/// between leaves a file whose token the next start adopts).
+fn prepare_admin_token(state: &State, path: &Path) -> Result<Option<String>, FabricError> {
+    if !state.tokens.is_empty() {
+        return Ok(None);
     }
     let err = |source| FabricError::Data {
         path: path.to_path_buf(),
@@ -250,13 +254,21 @@ async fn ensure_admin_token(shared: &Shared, path: &Path) -> Result<(), FabricEr
             t
         }
     };
+    Ok(Some(token))
+}
+
+async fn register_admin_token(
+    shared: &Shared,
+    token: &str,
+    path: &Path,
+) -> Result<(), FabricError> {
     let record = TokenRecord {
         role: Role::Admin,
         name: "admin (first start)".into(),
     };
     shared
         .write(Mutation::CreateToken {
-            hash: auth::token_hash(&token),
+            hash: auth::token_hash(token),
             record,
         })
         .await

@@ -157,3 +157,272 @@ impl FabricProcess {
         (self.line, self.http)
     }
 }
+
+/// A `mesh agent` process (it must run as root) with its output appended to
+/// `<state dir>.log`; dropping it SIGKILLs the agent (its spores keep running: clean them up
+/// with [`CgroupRootGuard`]). When dropped during a panic it prints the end of its log.
+pub struct AgentProcess {
+    pub child: ChildGuard,
+    pub node: String,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
+}
+
+impl AgentProcess {
+    /// Starts `mesh agent --node NODE --state STATE --trust TRUST --cgroup-root CGROUP_ROOT`
+    /// with a 1.5 s lease and the spores' user `mesh-spore` mapped to nobody, and waits until
+    /// it has registered its node with the fabric.
+    pub fn start(
+        fabric: &FabricProcess,
+        node: &str,
+        state_dir: &std::path::Path,
+        trust_file: &std::path::Path,
+        cgroup_root: &str,
+    ) -> AgentProcess {
+        Self::start_with(fabric, node, state_dir, trust_file, cgroup_root, &[])
+    }
+
+    /// [`AgentProcess::start`] with more flags (e.g. `--port-range`).
+    pub fn start_with(
+        fabric: &FabricProcess,
+        node: &str,
+        state_dir: &std::path::Path,
+        trust_file: &std::path::Path,
+        cgroup_root: &str,
+        extra: &[&str],
+    ) -> AgentProcess {
+        let mut name = state_dir.as_os_str().to_os_string();
+        name.push(".log");
+        let log = PathBuf::from(name);
+        let out = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .expect("agent log file");
+        // A restarted agent appends: only what this one writes counts.
+        let from = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let child = ChildGuard::spawn(
+            Command::new(bin("mesh"))
+                .arg("agent")
+                .args(["--fabric", &fabric.line.to_string()])
+                .args(["--token", &fabric.token()])
+                .args(["--node", node])
+                .arg("--state")
+                .arg(state_dir)
+                .arg("--trust")
+                .arg(trust_file)
+                .args(["--cgroup-root", cgroup_root])
+                .args(["--user", "mesh-spore=65534:65534"])
+                .args(["--lease-ttl-ms", "1500"])
+                .args(extra)
+                .env("MESH_LOG", "info")
+                .env_remove("MESH_FABRIC")
+                .env_remove("MESH_TOKEN")
+                .env_remove("MESH_CONFIG")
+                .stdin(std::process::Stdio::null())
+                .stdout(out.try_clone().expect("dup agent log"))
+                .stderr(out),
+        );
+        let mut agent = AgentProcess {
+            child,
+            node: node.to_string(),
+            log,
+        };
+        let mut exited = None;
+        let up = wait_until(Duration::from_secs(30), || {
+            if let Ok(Some(status)) = agent.child.0.try_wait() {
+                exited = Some(status);
+                return true;
+            }
+            agent.log_since(from).contains("node registered")
+        });
+        if let Some(status) = exited {
+            panic!(
+                "mesh agent {node} exited ({status}) before registering:\n{}",
+                agent.log_text()
+            );
+        }
+        assert!(
+            up,
+            "mesh agent {node} did not register with the fabric in 30 s:\n{}",
+            agent.log_text()
+        );
+        agent
+    }
+
+    /// The whole log (of every run that appended to it).
+    pub fn log_text(&self) -> String {
+        self.log_since(0)
+    }
+
+    /// The log from byte `offset` on.
+    pub fn log_since(&self, offset: u64) -> String {
+        let bytes = std::fs::read(&self.log).unwrap_or_default();
+        let start = (offset as usize).min(bytes.len());
+        String::from_utf8_lossy(&bytes[start..]).into_owned()
+    }
+
+    /// The log's current length, to read only what comes after with [`AgentProcess::log_since`].
+    pub fn log_len(&self) -> u64 {
+        std::fs::metadata(&self.log).map(|m| m.len()).unwrap_or(0)
+    }
+
+    /// SIGKILL, as a crash: the agent's spores keep running.
+    pub fn kill9(&mut self) {
+        // SAFETY: kill(2) on our own child, not reaped yet (so the pid is still ours).
+        unsafe { libc::kill(self.child.0.id() as libc::pid_t, libc::SIGKILL) };
+        let _ = self.child.0.wait();
+    }
+}
+
+impl Drop for AgentProcess {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            let text = self.log_text();
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(300)..];
+            eprintln!(
+                "---- log of mesh agent {} ({}), last {} lines ----\n{}\n---- end of the log of {} ----",
+                self.node,
+                self.log.display(),
+                tail.len(),
+                tail.join("\n"),
+                self.node
+            );
+        }
+    }
+}
+
+/// The cgroup root that `mesh agent --cgroup-root NAME` started by this process creates (its
+/// children inherit our cgroups): in a pure v2 system beside our own cgroup, on a hybrid host
+/// below our own cgroup in the v2 and in each v1 (cpu, memory, pids) hierarchy. The same
+/// computation as the agent's.
+pub fn agent_cgroup_root(name: &str) -> std::io::Result<mesh_agent::cgroup::CgroupRoot> {
+    use mesh_agent::cgroup::{CgroupRoot, Layout, Mode};
+    let layout = Layout::detect().map_err(std::io::Error::other)?;
+    let own = CgroupRoot::own(&layout);
+    Ok(match (layout.mode, own.parent()) {
+        (Mode::Unified, Some(parent)) => parent.child(name),
+        _ => own.child(name),
+    })
+}
+
+/// `dir` and every cgroup below it, children before their parents.
+fn cgroup_dirs_bottom_up(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                cgroup_dirs_bottom_up(&e.path(), out);
+            }
+        }
+    }
+    if dir.is_dir() {
+        out.push(dir.to_path_buf());
+    }
+}
+
+/// Kills every process in the agent cgroup root `name` (see [`agent_cgroup_root`]) and removes
+/// its directories in every hierarchy. Only processes inside that root are touched: `1` goes to
+/// each `cgroup.kill` bottom-up (on kernels without it, the pids its `cgroup.procs` files list
+/// get SIGKILL). Fine if the root does not exist.
+pub fn cleanup_cgroup_root(name: &str) -> std::io::Result<()> {
+    mesh_common::model::check_name("cgroup root", name).map_err(std::io::Error::other)?;
+    let root = agent_cgroup_root(name)?;
+    let populated = |d: &std::path::Path| {
+        std::fs::read_to_string(d.join("cgroup.events"))
+            .map(|t| t.lines().any(|l| l == "populated 1"))
+            .unwrap_or(false)
+    };
+    if root.v2.is_dir() {
+        let end = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut dirs = Vec::new();
+            cgroup_dirs_bottom_up(&root.v2, &mut dirs);
+            for d in &dirs {
+                let kill = d.join("cgroup.kill");
+                if kill.exists() {
+                    let _ = std::fs::write(&kill, "1");
+                } else {
+                    let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
+                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+                        // SAFETY: kill(2) of a process listed as a member of the test's own
+                        // cgroup root (kernels before 5.14 have no cgroup.kill).
+                        unsafe { libc::kill(pid, libc::SIGKILL) };
+                    }
+                }
+            }
+            if !populated(&root.v2) {
+                break;
+            }
+            if Instant::now() >= end {
+                return Err(std::io::Error::other(format!(
+                    "{}: processes left 30 s after cgroup.kill",
+                    root.v2.display()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+    for top in std::iter::once(&root.v2).chain(root.v1.values()) {
+        let mut dirs = Vec::new();
+        cgroup_dirs_bottom_up(top, &mut dirs);
+        for d in dirs {
+            // A cgroup whose last process just died can be busy for a moment.
+            let end = Instant::now() + Duration::from_secs(10);
+            loop {
+                match std::fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                    Err(e) if Instant::now() < end && e.raw_os_error() == Some(libc::EBUSY) => {
+                        std::thread::sleep(Duration::from_millis(20));
+                    }
+                    Err(e) => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            format!("removing cgroup {}: {e}", d.display()),
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Runs [`cleanup_cgroup_root`] when dropped (also when a test fails), unless
+/// [`CgroupRootGuard::finish`] already did. Declare it before the agents that use the root, so
+/// that they are killed (dropped) first.
+pub struct CgroupRootGuard {
+    name: String,
+    done: bool,
+}
+
+impl CgroupRootGuard {
+    /// A guard for the cgroup root `mesh-e2e-<pid>-<tag>` (unique per test process and tag).
+    pub fn new(tag: &str) -> CgroupRootGuard {
+        CgroupRootGuard {
+            name: format!("mesh-e2e-{}-{tag}", std::process::id()),
+            done: false,
+        }
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Cleans up now and reports whether it worked.
+    pub fn finish(mut self) -> std::io::Result<()> {
+        self.done = true;
+        cleanup_cgroup_root(&self.name)
+    }
+}
+
+impl Drop for CgroupRootGuard {
+    fn drop(&mut self) {
+        if !self.done
+            && let Err(e) = cleanup_cgroup_root(&self.name)
+        {
+            eprintln!("cleaning up cgroup root {}: {e}", self.name);
+        }
+    }
+}
