@@ -909,7 +909,7 @@ impl Agent {
                 .add("pid", inst.pid)
                 .add("port", inst.port)
                 .add("restarts", inst.machine.restarts)
-                .add("reason", &inst.machine.reason)
+                .add("last", &inst.machine.reason)
                 .add("msg", encode_text(&inst.machine.message))
                 .add("since", inst.since)
                 .add("lease", lease);

@@ -235,6 +235,11 @@ pub struct Subscription {
     /// Highest revision delivered; resumes start after it.
     last_rev: u64,
     synced: bool,
+    /// Lines of a replay are arriving (until `> sync`): their revisions are not a resume point.
+    in_replay: bool,
+    /// Something was handed to the user (so a fresh snapshot must start with a Reset).
+    delivered: bool,
+    pending_reset: bool,
     backoff: Duration,
     last_ping: tokio::time::Instant,
 }
@@ -252,6 +257,9 @@ impl Subscription {
             client: None,
             last_rev: 0,
             synced: false,
+            in_replay: false,
+            delivered: false,
+            pending_reset: false,
             backoff: Duration::from_millis(50),
             last_ping: tokio::time::Instant::now(),
         }
@@ -276,6 +284,9 @@ impl Subscription {
                         self.client = Some(c);
                         self.backoff = Duration::from_millis(50);
                         self.last_ping = tokio::time::Instant::now();
+                        if std::mem::take(&mut self.pending_reset) {
+                            return Ok(SubEvent::Reset);
+                        }
                     }
                     Err(e) if e.is_transient() => {
                         tracing::debug!(topic = %self.topic, "fabric unreachable, retrying: {e}");
@@ -307,18 +318,31 @@ impl Subscription {
                 }
                 Ok(Ok(ev)) => ev,
             };
-            if let Some(rev) = ev.get("rev").and_then(|r| r.parse::<u64>().ok()) {
+            let rev = ev.get("rev").and_then(|r| r.parse::<u64>().ok());
+            // A replay's lines carry each object's own revision; only `> sync` says how far
+            // the replay reached, so only live events and syncs move the resume point.
+            if let (Some(rev), false) = (rev, self.in_replay) {
                 self.last_rev = self.last_rev.max(rev);
             }
             match (ev.kind.as_str(), ev.get("op")) {
                 ("sync", _) => {
+                    self.in_replay = false;
                     self.synced = true;
+                    if let Some(rev) = rev {
+                        self.last_rev = self.last_rev.max(rev);
+                    }
                     return Ok(SubEvent::Sync { rev: self.last_rev });
                 }
                 // The server could not resume from our revision: a full replay follows.
                 ("reset", _) => return Ok(SubEvent::Reset),
-                (_, Some("put")) => return Ok(SubEvent::Put(ev)),
-                (_, Some("del")) => return Ok(SubEvent::Del(ev)),
+                (_, Some("put")) => {
+                    self.delivered = true;
+                    return Ok(SubEvent::Put(ev));
+                }
+                (_, Some("del")) => {
+                    self.delivered = true;
+                    return Ok(SubEvent::Del(ev));
+                }
                 _ => continue,
             }
         }
@@ -337,7 +361,13 @@ impl Subscription {
         if self.synced {
             line.push_str(&format!(" from={}", self.last_rev));
         }
-        c.call(&line).await?;
+        let r = c.call(&line).await?;
+        self.in_replay = true;
+        // A plain snapshot after we handed out events (a reconnect before the first sync):
+        // the user's view may hold objects deleted since, so it starts over.
+        if r.get("mode") == Some("snapshot") && self.delivered {
+            self.pending_reset = true;
+        }
         Ok(c)
     }
 }

@@ -226,7 +226,8 @@ pub struct InstanceStatus {
     pub port: u16,
     pub restarts: u32,
     /// Last exit or failure, short and machine-readable: `-`, `exit:3`, `signal:9`, `oom`,
-    /// `unhealthy`, `deadline`, `verify`, `fetch`, `start`.
+    /// `unhealthy`, `deadline`, `start`, `lost`. On the wire `last=` (a deletion event's own
+    /// `reason=` is about the deletion).
     pub reason: String,
     /// Free text for humans (percent-encoded on the wire).
     pub message: String,
@@ -249,7 +250,7 @@ impl InstanceStatus {
             .add("pid", self.pid)
             .add("port", self.port)
             .add("restarts", self.restarts)
-            .add("reason", &self.reason)
+            .add("last", &self.reason)
             .add("msg", crate::proto::encode_text(&self.message))
             .add("since", self.since)
             .add("lease", self.lease)
@@ -267,7 +268,7 @@ impl InstanceStatus {
             pid: num(&f, "pid")?,
             port: num(&f, "port")?,
             restarts: num(&f, "restarts")?,
-            reason: req(&f, "reason")?.to_string(),
+            reason: req(&f, "last")?.to_string(),
             message: crate::proto::decode_text(field(&f, "msg").unwrap_or("")),
             since: num(&f, "since")?,
             lease: num(&f, "lease")?,
@@ -279,9 +280,11 @@ impl InstanceStatus {
 /// Names of things (apps, nodes, instances) on the wire: 1..=63 bytes of a-z, 0-9, '-', '_',
 /// '.', starting with a letter or digit.
 pub fn check_name(kind: &str, s: &str) -> Result<(), String> {
+    // Instance names carry their app's name plus a slot and a digest prefix.
+    let max = if kind == "instance" { 127 } else { 63 };
     let b = s.as_bytes();
     let ok = !b.is_empty()
-        && b.len() <= 63
+        && b.len() <= max
         && b[0].is_ascii_alphanumeric()
         && b.iter().all(|&c| {
             c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'-' | b'_' | b'.')
@@ -290,7 +293,7 @@ pub fn check_name(kind: &str, s: &str) -> Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "{kind} {s:?} is not a name (1-63 of a-z, 0-9, '-', '_', '.')"
+            "{kind} {s:?} is not a name (1-{max} of a-z, 0-9, '-', '_', '.')"
         ))
     }
 }

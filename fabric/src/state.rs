@@ -645,9 +645,7 @@ impl State {
                 Ok(Fields::new().add("lease", id).add("ttl_ms", lease.ttl_ms))
             }
             Mutation::RevokeLease { id } => {
-                if !self.leases.contains_key(&id) {
-                    return Err(no_lease(id));
-                }
+                self.live_lease(id, now)?;
                 let removed = self.drop_lease(id, "revoked", changes, events);
                 Ok(Fields::new().add("lease", id).add("removed", removed))
             }

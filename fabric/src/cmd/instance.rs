@@ -40,7 +40,7 @@ const STATES: [&str; 8] = [
     "stopped",
 ];
 
-/// `INSTANCE.SET <app> instance= node= slot= digest= state= pid= port= restarts= reason= [msg=]
+/// `INSTANCE.SET <app> instance= node= slot= digest= state= pid= port= restarts= last= [msg=]
 /// since= lease=`
 pub struct InstanceSet(InstanceStatus);
 
@@ -64,10 +64,10 @@ impl InstanceSet {
                 STATES.join(", ")
             )));
         }
-        let reason = a.require("reason")?;
+        let reason = a.require("last")?;
         if reason.len() > 64 {
             return Err(ProtoError::bad_args(
-                "reason= is at most 64 bytes (use msg= for text)",
+                "last= is at most 64 bytes (use msg= for text)",
             ));
         }
         let message = proto::decode_text(a.get("msg").unwrap_or(""));

@@ -52,8 +52,12 @@ impl Auth {
                 ok(Fields::new().add("role", r.role).add("name", &r.name))
             }
             None => {
-                // A failed AUTH leaves the connection unauthenticated, whatever it was before.
+                // A failed AUTH leaves the connection unauthenticated, whatever it was before,
+                // and ends what it subscribed to.
                 s.role = None;
+                if let Ok(mut subs) = s.shared.state.read().await.subscribers.lock() {
+                    subs.remove_conn(s.handle.id);
+                }
                 tracing::info!(peer = %s.peer, "authentication failed");
                 Err(ProtoError::new(
                     Code::AuthFailed,
