@@ -7,7 +7,7 @@
 //!            |  |        v
 //!            |  +--- Unhealthy (deregistered until healthy again)
 //!            v
-//!   Backoff (exit: restart after 0.2 s, 0.4 s, ... 30 s) -> Launching
+//!   Backoff (exit: restart at once, then after 0.2 s, 0.4 s, ... 30 s) -> Launching
 //!   Failed  (never Ready within the deadline, or the spore cannot run)
 //! ```
 
@@ -167,8 +167,13 @@ impl Machine {
             )
     }
 
+    /// The first failure restarts at once (a one-off crash costs no extra downtime); then
+    /// base, 2 x base, ... up to the maximum.
     fn backoff(&self) -> Duration {
-        let exp = self.failures.saturating_sub(1).min(16);
+        if self.failures <= 1 {
+            return Duration::ZERO;
+        }
+        let exp = (self.failures - 2).min(16);
         self.cfg
             .backoff_base
             .saturating_mul(1 << exp)
@@ -433,7 +438,7 @@ mod tests {
             waits.push(t - start);
             m.on(Input::Started, ms(t0, t));
         }
-        assert_eq!(waits, vec![200, 400, 800, 1600]);
+        assert_eq!(waits, vec![50, 200, 400, 800], "at once (the next tick), then 200 ms doubling");
         assert_eq!(m.restarts, 4);
         m.on(Input::Exited(ExitReason::OomKilled), ms(t0, t));
         assert_eq!((m.state(), m.reason.as_str()), ("crashloop", "oom"));
