@@ -920,3 +920,78 @@ fn a_restart_after_the_lease_expired_keeps_the_instances() {
     drop(agent);
     finish(cgroup);
 }
+
+// The fabric crashes and comes back on the same addresses: the agent reconnects, keeps its
+// lease (restored with a full TTL) and its instances: no spore is restarted, the endpoints stay.
+#[test]
+fn a_fabric_crash_restarts_no_spore() {
+    if !is_root() {
+        return;
+    }
+    let dir = temp_dir();
+    let cgroup = CgroupRootGuard::new("fabcrash");
+    let fabric = start_fabric(dir.path());
+    let mesh = Mesh::new(&fabric);
+    let keys = mesh.key_gen(&dir.path().join("keys"));
+    let state = dir.path().join("state");
+    let trust = keys.join("mesh.pub");
+    let args = ["--port-range", "30700-30799"];
+    let agent = AgentProcess::start_with(
+        &fabric,
+        "e2e-fabcrash",
+        &state,
+        &trust,
+        cgroup.name(),
+        &args,
+    );
+    let v1 = mesh.pack_push(dir.path(), &keys, "1.0.0", &["HELLO_VERSION=1.0.0"]);
+    deploy(&mesh, &v1, 2, &["--min-healthy-ms", "200"]);
+    let mut line = Line::new(fabric.client_config());
+    mesh.wait_for("two Ready instances and two endpoints", || {
+        all_ready(&of(&mesh.ps(), &v1), 2) && line.endpoints("hello").len() == 2
+    });
+    let before: BTreeMap<String, Option<u32>> = of(&mesh.ps(), &v1)
+        .iter()
+        .map(|r| (r.instance.clone(), r.pid))
+        .collect();
+    drop(line);
+
+    let data = fabric.data.clone();
+    let (l, h) = fabric.kill9();
+    let offset = agent.log_len();
+    std::thread::sleep(Duration::from_millis(500));
+    let fabric = FabricProcess::start_on(&data, l, h);
+    let mesh = Mesh::new(&fabric);
+    let mut line = Line::new(fabric.client_config());
+    // Give the agent a few lease periods on the new fabric process.
+    std::thread::sleep(Duration::from_secs(3));
+    mesh.wait_for("the same processes, Ready and registered", || {
+        let ps = mesh.ps();
+        let rows = of(&ps, &v1);
+        all_ready(&rows, 2)
+            && rows
+                .iter()
+                .map(|r| (r.instance.clone(), r.pid))
+                .collect::<BTreeMap<_, _>>()
+                == before
+            && names(&line.endpoints("hello")) == before.keys().cloned().collect()
+    });
+    let log = agent.log_since(offset);
+    for name in before.keys() {
+        assert_eq!(
+            started_lines(&log, name),
+            0,
+            "{name} was started again:\n{log}"
+        );
+    }
+    assert!(
+        !log.contains("lost this node's lease"),
+        "the lease survived the fabric's restart:\n{log}"
+    );
+    for pid in before.values().flatten() {
+        assert!(alive(*pid));
+    }
+    drop(line);
+    drop(agent);
+    finish(cgroup);
+}
