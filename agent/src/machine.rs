@@ -438,7 +438,11 @@ mod tests {
             waits.push(t - start);
             m.on(Input::Started, ms(t0, t));
         }
-        assert_eq!(waits, vec![50, 200, 400, 800], "at once (the next tick), then 200 ms doubling");
+        assert_eq!(
+            waits,
+            vec![50, 200, 400, 800],
+            "at once (the next tick), then 200 ms doubling"
+        );
         assert_eq!(m.restarts, 4);
         m.on(Input::Exited(ExitReason::OomKilled), ms(t0, t));
         assert_eq!((m.state(), m.reason.as_str()), ("crashloop", "oom"));

@@ -14,7 +14,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["spore"] | [] => spore(),
         ["fabric"] => crate::bench_fabric::run(),
         ["density"] => crate::bench_density::run(),
-        other => bail!("unknown benchmark {other:?}; known: spore, fabric, density"),
+        ["agent"] => crate::bench_agent::run(),
+        other => bail!("unknown benchmark {other:?}; known: spore, fabric, density, agent"),
     }
 }
 

@@ -8,6 +8,7 @@
 //! - `cargo xtask bench density`: N supervised instances vs supervisord, s6, runit (root).
 
 mod bench;
+mod bench_agent;
 mod bench_density;
 mod bench_fabric;
 mod vm;
@@ -23,6 +24,7 @@ commands:
   test           cargo fmt --check, cargo clippy -D warnings, cargo test --workspace
   bench spore    pack / verify / extract a 20 MiB binary with the release `mesh`
   bench fabric   fan-out latency to 1,000 subscribers, commands/s on 1 and 64 connections
+  bench agent    kill -9 until healed and registered, plan change until the new version serves (root)
   bench density  time and cost to bring up 100 to 5,000 instances vs supervisord, s6, runit (root)
   vm-test [-p P] [-- ARGS]
                  the root-only agent tests (vm_*, supervise) in a qemu VM with pure cgroup v2

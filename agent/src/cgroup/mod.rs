@@ -271,6 +271,8 @@ impl CgroupRoot {
 pub struct CgroupTree {
     root: CgroupRoot,
     base: CgroupRoot,
+    /// The budget last written to each app's cgroup.
+    applied: std::sync::Arc<std::sync::Mutex<BTreeMap<String, Limits>>>,
 }
 
 impl CgroupTree {
@@ -291,16 +293,26 @@ impl CgroupTree {
         let spores = base.child("spores");
         spores.create()?;
         spores.enable_controllers()?;
-        Ok(CgroupTree { root, base })
+        Ok(CgroupTree {
+            root,
+            base,
+            applied: Default::default(),
+        })
     }
 
     pub fn root(&self) -> &CgroupRoot {
         &self.root
     }
 
-    /// `spores/<app>` with the app's budget (created if needed).
+    /// `spores/<app>` with the app's budget (created if needed). The budget is written only
+    /// when it changed: a CPU limit write walks the whole cgroup tree in the kernel, so
+    /// rewriting it on every start would make starts slower as instances accumulate.
     pub fn app(&self, app: &str, budget: &Limits) -> io::Result<CgroupRoot> {
         let cg = self.base.child("spores").child(app);
+        let mut applied = self.applied.lock().unwrap_or_else(|p| p.into_inner());
+        if applied.get(app) == Some(budget) && cg.v2.is_dir() {
+            return Ok(cg);
+        }
         cg.create()?;
         cg.enable_controllers().or_else(|e| {
             if cg.mode == Mode::Unified {
@@ -310,6 +322,7 @@ impl CgroupTree {
             }
         })?;
         cg.apply(budget)?;
+        applied.insert(app.to_string(), *budget);
         Ok(cg)
     }
 
