@@ -409,11 +409,19 @@ fn boot(
     env.extend(std::env::var("RUST_LOG").map(|v| format!("RUST_LOG={v}")));
     fs::write(out.join("env"), nul_joined(&env))?;
 
-    let (init, out_str) = (cmdline_path(init)?, cmdline_path(&out)?);
-    let append = format!("{KERNEL_ARGS} init={init} vm.out={out_str}");
+    // The workspace is shared read-write at its own path: the test executables, the binaries
+    // they run and their package dirs (their cwd) live there, and the guest's /tmp is a fresh
+    // tmpfs that would hide a workspace under /tmp.
+    let share = workspace_root();
+    let (init, out_str, share_str) = (
+        cmdline_path(init)?,
+        cmdline_path(&out)?,
+        cmdline_path(&share)?,
+    );
+    let append = format!("{KERNEL_ARGS} init={init} vm.share={share_str} vm.out={out_str}");
     let mut vm = Vm::new()?;
     let root_sock = vm.virtiofsd(&tools.virtiofsd, Path::new("/"), "root", true)?;
-    let out_sock = vm.virtiofsd(&tools.virtiofsd, &out, "out", false)?;
+    let out_sock = vm.virtiofsd(&tools.virtiofsd, &share, "out", false)?;
     vm.wait_for_sockets(&[&root_sock, &out_sock])?;
     let mut qemu = Command::new(&tools.qemu);
     qemu.args(QEMU_ARGS.split_whitespace());

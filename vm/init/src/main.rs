@@ -8,8 +8,10 @@
 //! It is an ordinary dynamically linked host binary: the shared root has its libraries.
 //!
 //! Protocol with the host (xtask/src/vm.rs):
-//! - kernel command line `vm.out=DIR` (absolute, no spaces): the virtiofs share tagged `out` is
-//!   mounted at DIR, the same path as on the host.
+//! - kernel command line `vm.share=SHARE vm.out=DIR` (absolute, no spaces): the virtiofs share
+//!   tagged `out` (the workspace, read-write) is mounted at SHARE, the same path as on the host,
+//!   after /tmp got its tmpfs (the workspace may live under /tmp, and the test executables live
+//!   in SHARE); DIR (inside SHARE) holds this run's files.
 //! - `DIR/argv`: the command, NUL-separated, program first. `DIR/cwd` (optional, default `/`):
 //!   its working directory. `DIR/env` (optional): NUL-separated `KEY=VALUE`, added to PATH,
 //!   HOME=/root, TMPDIR=/tmp and MESH_VM_TEST=1.
@@ -56,8 +58,13 @@ fn main() {
 /// Sets the VM up and runs the command; `out` is set once the results share is mounted.
 fn boot(out: &mut Option<PathBuf>) -> Result<i32, String> {
     mount_basics()?;
-    let dir = results_dir()?;
-    mount("out", &dir, "virtiofs", 0, "")?;
+    let dir = cmdline_dir("vm.out")?;
+    let share = cmdline_dir("vm.share").unwrap_or_else(|_| dir.clone());
+    // On a tmpfs (/tmp) the mount point must be made; on the read-only root it exists.
+    if !share.is_dir() {
+        fs::create_dir_all(&share).map_err(|e| format!("mkdir {}: {e}", share.display()))?;
+    }
+    mount("out", &share, "virtiofs", 0, "")?;
     *out = Some(dir.clone());
     loopback_up()?;
     enable_controllers()?;
@@ -177,16 +184,17 @@ fn console_on_std_fds() -> Result<(), String> {
     Ok(())
 }
 
-/// The value of `vm.out=` on the kernel command line.
-fn results_dir() -> Result<PathBuf, String> {
+/// The absolute directory `KEY=DIR` on the kernel command line.
+fn cmdline_dir(key: &str) -> Result<PathBuf, String> {
     let cmdline =
         fs::read_to_string("/proc/cmdline").map_err(|e| format!("read /proc/cmdline: {e}"))?;
+    let prefix = format!("{key}=");
     cmdline
         .split_whitespace()
-        .find_map(|word| word.strip_prefix("vm.out="))
+        .find_map(|word| word.strip_prefix(prefix.as_str()))
         .map(PathBuf::from)
         .filter(|dir| dir.is_absolute())
-        .ok_or_else(|| format!("no absolute vm.out=DIR on the kernel command line: {cmdline}"))
+        .ok_or_else(|| format!("no absolute {key}=DIR on the kernel command line: {cmdline}"))
 }
 
 /// `ip link set lo up`, with the ioctl that does it; the kernel then adds 127.0.0.1 and ::1.
