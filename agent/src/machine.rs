@@ -133,7 +133,7 @@ impl Machine {
 
     /// A machine for a process found running after an agent restart: it must pass its checks
     /// again (without the min healthy time) before it serves.
-    pub fn adopted(cfg: MachineConfig) -> Machine {
+    pub fn adopted(cfg: MachineConfig, now: Instant) -> Machine {
         let mut m = Machine::new(MachineConfig {
             min_healthy: Duration::ZERO,
             ..cfg
@@ -141,6 +141,10 @@ impl Machine {
         m.phase = Phase::Launching;
         m.running = true;
         m.launched_once = true;
+        // It may still be registered from before the restart (the lease survives): treat it
+        // as registered so that any way out of service deregisters it.
+        m.registered = true;
+        m.deadline_at = Some(now + cfg.deadline);
         m
     }
 
@@ -211,7 +215,9 @@ impl Machine {
                 }
                 vec![Action::Start]
             }
-            (_, Input::Started) => {
+            // Only a launch in progress can start; a late start of an instance that moved on
+            // (drained, failed) is stopped by the caller.
+            (Launching, Input::Started) => {
                 self.running = true;
                 vec![]
             }
@@ -525,9 +531,30 @@ mod tests {
     #[test]
     fn an_adopted_instance_serves_after_one_passing_check() {
         let t0 = Instant::now();
-        let mut m = Machine::adopted(cfg());
+        let mut m = Machine::adopted(cfg(), t0);
         assert!(m.wants_health());
         assert_eq!(m.on(Input::Health(true), t0), vec![Action::Register]);
         assert_eq!(m.restarts, 0);
+        // One that never comes back healthy is still registered from before: draining it
+        // deregisters it, and its deadline fails it.
+        let mut m = Machine::adopted(cfg(), t0);
+        assert_eq!(m.on(Input::Drain, t0), vec![Action::Deregister]);
+        let mut m = Machine::adopted(cfg(), t0);
+        assert_eq!(
+            m.on(Input::Tick, ms(t0, 10_000)),
+            vec![Action::Deregister, Action::Stop]
+        );
+        assert_eq!(m.reason, "deadline");
+    }
+
+    #[test]
+    fn a_late_start_does_not_revive_an_instance_that_moved_on() {
+        let t0 = Instant::now();
+        let mut m = Machine::new(cfg());
+        m.on(Input::Launch, t0);
+        m.on(Input::Drain, t0);
+        assert_eq!(m.phase, Phase::Stopped);
+        m.on(Input::Started, t0);
+        assert!(!m.running);
     }
 }

@@ -73,6 +73,10 @@ struct Inst {
     next_check: Instant,
     checking: bool,
     failed_at: Option<Instant>,
+    /// A fetch/verify/start is in flight: the instance must not be forgotten before it reports.
+    launching: bool,
+    /// Why the last health check failed, for the message of a failed launch.
+    last_health: String,
     /// Last status sent to the fabric, to send only changes.
     reported: String,
 }
@@ -82,6 +86,7 @@ enum Msg {
     Assignments(SubEvent),
     Budgets(SubEvent),
     Launched {
+        app: String,
         name: String,
         result: Result<(u32, Box<Manifest>), PrepareError>,
     },
@@ -92,6 +97,10 @@ enum Msg {
     },
     /// The fabric no longer knows this node's lease.
     LeaseLost,
+    /// Stopping found no such process (it ended before the stop): treat it as gone.
+    StopGone {
+        name: String,
+    },
     /// The node is registered under `lease`; `slots` are its assignments as of `rev`.
     Registered {
         lease: u64,
@@ -427,7 +436,7 @@ impl Agent {
                     app: rec.app.clone(),
                     slot,
                     digest,
-                    machine: Machine::adopted(MachineConfig::default()),
+                    machine: Machine::adopted(MachineConfig::default(), Instant::now()),
                     port: rec.port.unwrap_or(0),
                     pid: rec.pid,
                     since: rec.started_at,
@@ -436,6 +445,8 @@ impl Agent {
                     next_check: Instant::now(),
                     checking: false,
                     failed_at: None,
+                    launching: false,
+                    last_health: String::new(),
                     reported: String::new(),
                 },
             );
@@ -445,13 +456,25 @@ impl Agent {
     fn on_msg(&mut self, msg: Msg) {
         match msg {
             Msg::Plans(ev) => match ev {
-                SubEvent::Reset => self.plans.clear(),
+                // A full replay follows: until its sync, the view is incomplete.
+                SubEvent::Reset => {
+                    self.plans.clear();
+                    self.plans_synced = false;
+                }
                 SubEvent::Put(e) => {
                     if let Ok(p) = Plan::from_fields(&e.fields) {
                         // A changed plan gives failed versions another chance.
                         if self.plans.get(&p.app).is_none_or(|old| old.rev != p.rev) {
                             self.reverted
                                 .retain(|(a, _, d)| *a != p.app || *d != p.digest);
+                            // Its failed instances go too, so that the slots try it afresh.
+                            self.insts.retain(|_, i| {
+                                !(i.app == p.app
+                                    && i.digest == p.digest
+                                    && i.machine.phase == Phase::Failed
+                                    && !i.machine.running
+                                    && !i.launching)
+                            });
                         }
                         self.plans.insert(p.app.clone(), p);
                     }
@@ -467,6 +490,7 @@ impl Agent {
                 SubEvent::Reset => {
                     self.assigned.clear();
                     self.assign_floor = 0;
+                    self.assignments_synced = false;
                 }
                 SubEvent::Put(e) => {
                     if let Ok(a) = Assignment::from_fields(&e.fields)
@@ -477,7 +501,8 @@ impl Agent {
                     }
                 }
                 SubEvent::Del(e) => {
-                    if e.get("reason") == Some("node_lost") {
+                    let rev: u64 = e.get("rev").and_then(|r| r.parse().ok()).unwrap_or(0);
+                    if e.get("reason") == Some("node_lost") && rev > self.assign_floor {
                         // The fabric gave up on this node (its lease expired): hold everything
                         // as it is until the node is registered again and knows its slots.
                         if self.node_registered {
@@ -508,9 +533,22 @@ impl Agent {
                 }
                 SubEvent::Sync { .. } => {}
             },
-            Msg::Launched { name, result } => {
+            Msg::Launched { app, name, result } => {
                 let now = Instant::now();
-                let Some(inst) = self.insts.get_mut(&name) else {
+                if let Some(i) = self.insts.get_mut(&name) {
+                    i.launching = false;
+                }
+                let live = self
+                    .insts
+                    .get_mut(&name)
+                    .filter(|i| i.machine.phase == Phase::Launching);
+                let Some(inst) = live else {
+                    // The instance moved on (drained, failed, forgotten) while it was being
+                    // started: a process that started anyway must not run unsupervised.
+                    if result.is_ok() {
+                        tracing::info!(instance = %name, "started after it was no longer wanted; stopping it");
+                        self.stop_process(&app, &name);
+                    }
                     return;
                 };
                 let input = match result {
@@ -549,6 +587,9 @@ impl Agent {
                         interval.min(100)
                     };
                     inst.next_check = now + Duration::from_millis(every);
+                    if !ok {
+                        inst.last_health = detail.clone();
+                    }
                     if !ok && inst.machine.phase == Phase::Ready {
                         tracing::warn!(instance = %name, "health check failed: {detail}");
                     }
@@ -580,14 +621,36 @@ impl Agent {
             }
             Msg::BlobUrl(url) => self.blob_url = Some(url),
             Msg::LeaseLost => self.node_registered = false,
+            Msg::StopGone { name } => {
+                if let Some(inst) = self.insts.get_mut(&name) {
+                    inst.pid = 0;
+                }
+                self.feed(
+                    &name,
+                    Input::Exited(crate::supervisor::ExitReason::Vanished),
+                    Instant::now(),
+                );
+            }
         }
     }
 
     fn on_exit(&mut self, ev: ExitEvent) {
-        if let Some(inst) = self.insts.get_mut(&ev.instance) {
-            tracing::info!(instance = %ev.instance, reason = %ev.reason, stopped = ev.stopped, "instance exited");
-            inst.pid = 0;
-        }
+        let Some(inst) = self.insts.get_mut(&ev.instance) else {
+            // An instance that ended while the agent was away (or one it no longer tracks):
+            // withdraw what may still be registered for it under the surviving lease.
+            tracing::info!(instance = %ev.instance, reason = %ev.reason, "an instance this agent does not track ended; withdrawing it");
+            let _ = self.commands.send(format!(
+                "ENDPOINT.DEREG {} instance={}",
+                ev.app, ev.instance
+            ));
+            let _ = self
+                .commands
+                .send(format!("INSTANCE.DEL {} instance={}", ev.app, ev.instance));
+            self.spores.remove_run_dir(&ev.app, &ev.instance);
+            return;
+        };
+        tracing::info!(instance = %ev.instance, reason = %ev.reason, stopped = ev.stopped, "instance exited");
+        inst.pid = 0;
         self.feed(&ev.instance, Input::Exited(ev.reason), Instant::now());
     }
 
@@ -603,6 +666,10 @@ impl Agent {
         }
         if inst.machine.phase == Phase::Failed && inst.failed_at.is_none() {
             inst.failed_at = Some(now);
+            if inst.machine.reason == "deadline" && !inst.last_health.is_empty() {
+                inst.machine.message =
+                    format!("{}; last check: {}", inst.machine.message, inst.last_health);
+            }
         }
         for a in actions {
             self.act(name, a);
@@ -632,22 +699,42 @@ impl Agent {
                     .send(format!("ENDPOINT.DEREG {} instance={name}", inst.app));
             }
             Action::Stop => {
-                let (sup, app, name) = (self.sup.clone(), inst.app.clone(), name.to_string());
-                tokio::spawn(async move {
-                    if let Err(e) = sup.stop(&app, &name, None).await {
-                        tracing::debug!(instance = %name, "stop: {e}");
-                    }
-                });
+                let app = inst.app.clone();
+                self.stop_process(&app, name);
             }
         }
     }
 
+    /// Stops an instance's process through the supervisor; if there is none (it ended on
+    /// its own in between), the instance is told it is gone.
+    fn stop_process(&self, app: &str, name: &str) {
+        let (sup, tx, app, name) = (
+            self.sup.clone(),
+            self.tx.clone(),
+            app.to_string(),
+            name.to_string(),
+        );
+        tokio::spawn(async move {
+            match sup.stop(&app, &name, None).await {
+                Ok(_) => {}
+                Err(crate::supervisor::SupervisorError::NotFound { .. }) => {
+                    let _ = tx.send(Msg::StopGone { name });
+                }
+                Err(e) => tracing::warn!(instance = %name, "stop failed: {e}"),
+            }
+        });
+    }
+
     fn launch(&mut self, name: &str) {
+        if let Some(i) = self.insts.get_mut(name) {
+            i.launching = true;
+        }
         let Some(inst) = self.insts.get(name) else {
             return;
         };
         let Some(url) = self.blob_url.clone() else {
             let _ = self.tx.send(Msg::Launched {
+                app: inst.app.clone(),
                 name: name.to_string(),
                 result: Err(PrepareError {
                     message: "the fabric's blob URL is not known yet".into(),
@@ -688,7 +775,7 @@ impl Agent {
                 Ok((info.record.pid, Box::new(manifest)))
             }
             .await;
-            let _ = tx.send(Msg::Launched { name, result });
+            let _ = tx.send(Msg::Launched { app, name, result });
         });
     }
 
@@ -756,7 +843,10 @@ impl Agent {
                 .map(|i| (i.machine.phase, i.failed_at))
             {
                 None => {
-                    if self.reverted.contains(&(app.clone(), *slot, plan.digest)) {
+                    // Reverted: the old version keeps the slot, as long as it is alive.
+                    if !olds.is_empty()
+                        && self.reverted.contains(&(app.clone(), *slot, plan.digest))
+                    {
                         continue;
                     }
                     if !olds.is_empty() && in_rollout >= plan.max_parallel as usize {
@@ -765,8 +855,9 @@ impl Agent {
                     if !olds.is_empty() {
                         in_rollout += 1;
                     }
-                    self.create(&name, app, *slot, plan);
-                    self.feed(&name, Input::Launch, now);
+                    if self.create(&name, app, *slot, plan) {
+                        self.feed(&name, Input::Launch, now);
+                    }
                 }
                 Some((Phase::Ready, _)) => {
                     for o in &olds {
@@ -782,6 +873,10 @@ impl Agent {
                         }
                     } else if failed_at
                         .is_some_and(|t| now.duration_since(t) > Duration::from_secs(30))
+                        && self
+                            .insts
+                            .get(&name)
+                            .is_some_and(|i| !i.launching && !i.machine.running)
                     {
                         // Nothing else serves this slot: try again from scratch now and then.
                         self.insts.remove(&name);
@@ -811,8 +906,11 @@ impl Agent {
         }
     }
 
-    fn create(&mut self, name: &str, app: &str, slot: u32, plan: &Plan) {
-        let port = self.pick_port(app, slot, plan.port);
+    /// Creates the instance, unless no port is free for it yet (it is tried again next pass).
+    fn create(&mut self, name: &str, app: &str, slot: u32, plan: &Plan) -> bool {
+        let Some(port) = self.pick_port(app, slot, plan.port) else {
+            return false;
+        };
         let cfg = MachineConfig {
             min_healthy: Duration::from_millis(plan.min_healthy_ms),
             deadline: Duration::from_millis(plan.deadline_ms),
@@ -834,14 +932,18 @@ impl Agent {
                 next_check: Instant::now(),
                 checking: false,
                 failed_at: None,
+                launching: false,
+                last_health: String::new(),
                 reported: String::new(),
             },
         );
+        true
     }
 
-    /// A plan's base port gives slot k the ports base+2k and base+2k+1 (the second for the new
-    /// version during blue/green); otherwise the lowest free port of the agent's range.
-    fn pick_port(&self, app: &str, slot: u32, base: u16) -> u16 {
+    /// A plan's base port gives slot k the ports base+2k and base+2k+1 (one for each version
+    /// during blue/green); otherwise the lowest free port of the agent's range. `None` while
+    /// every candidate is held by a live instance.
+    fn pick_port(&self, app: &str, slot: u32, base: u16) -> Option<u16> {
         let used: BTreeSet<u16> = self
             .insts
             .values()
@@ -851,21 +953,15 @@ impl Agent {
         if base > 0 {
             let first = base.saturating_add((slot * 2) as u16);
             let second = first.saturating_add(1);
-            let taken_by_slot = self.insts.values().any(|i| {
-                i.app == app
-                    && i.slot == slot
-                    && i.port == first
-                    && i.machine.phase != Phase::Stopped
-            });
-            return if taken_by_slot { second } else { first };
+            // Whichever of the slot's two ports no live instance holds (the old version keeps
+            // one during blue/green).
+            let _ = app;
+            return [first, second].into_iter().find(|p| !used.contains(p));
         }
         let (lo, hi) = self.cfg.port_range;
-        (lo..=hi)
-            .find(|p| {
-                !used.contains(p)
-                    && std::net::TcpListener::bind((self.cfg.advertise_ip, *p)).is_ok()
-            })
-            .unwrap_or(lo)
+        (lo..=hi).find(|p| {
+            !used.contains(p) && std::net::TcpListener::bind((self.cfg.advertise_ip, *p)).is_ok()
+        })
     }
 
     fn health_checks(&mut self, now: Instant) {
@@ -897,7 +993,10 @@ impl Agent {
         let mut gone = Vec::new();
         for (name, inst) in self.insts.iter_mut() {
             if inst.machine.phase == Phase::Stopped {
-                gone.push(name.clone());
+                // Forget it only once no launch can still report in for it.
+                if !inst.launching {
+                    gone.push(name.clone());
+                }
                 continue;
             }
             let f = Fields::new()

@@ -11,6 +11,10 @@ use mesh_common::spore::{self, SporeError, VerifyOptions, VersionStore};
 use mesh_common::store::ContentStore;
 use mesh_common::trust::TrustStore;
 
+/// A download that has not finished by then is abandoned (and resumed on the next try), so a
+/// dead connection cannot hold the download lock forever.
+const DOWNLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Why a spore could not be made ready; `fatal` when retrying the same digest cannot help.
 #[derive(Debug, Clone)]
 pub struct PrepareError {
@@ -84,8 +88,12 @@ impl SporeCache {
         // Checked under the lock: the instance that waited finds the blob its sibling fetched.
         if !self.store.contains(&digest) {
             let dl = self.downloads.join(format!("{}.spore", digest.hex()));
-            mesh_common::blob::pull(blob_url, token, &digest, &dl, |_, _| {})
+            tokio::time::timeout(DOWNLOAD_TIMEOUT, mesh_common::blob::pull(blob_url, token, &digest, &dl, |_, _| {}))
                 .await
+                .map_err(|_| PrepareError {
+                    message: format!("fetching {digest}: no end after {} s; the partial download is kept and resumed", DOWNLOAD_TIMEOUT.as_secs()),
+                    fatal: false,
+                })?
                 .map_err(|e| PrepareError {
                     message: format!("fetching {digest}: {e}"),
                     fatal: false,
