@@ -81,6 +81,28 @@ struct Inst {
     reported: String,
 }
 
+impl Inst {
+    fn new(app: &str, slot: u32, digest: Digest, machine: Machine, port: u16) -> Inst {
+        Inst {
+            app: app.to_string(),
+            slot,
+            digest,
+            machine,
+            port,
+            pid: 0,
+            since: now_unix(),
+            manifest: None,
+            health_path: None,
+            next_check: Instant::now(),
+            checking: false,
+            failed_at: None,
+            launching: false,
+            last_health: String::new(),
+            reported: String::new(),
+        }
+    }
+}
+
 enum Msg {
     Plans(SubEvent),
     Assignments(SubEvent),
@@ -433,21 +455,17 @@ impl Agent {
             self.insts.insert(
                 rec.instance.clone(),
                 Inst {
-                    app: rec.app.clone(),
-                    slot,
-                    digest,
-                    machine: Machine::adopted(MachineConfig::default(), Instant::now()),
-                    port: rec.port.unwrap_or(0),
                     pid: rec.pid,
                     since: rec.started_at,
                     manifest,
                     health_path,
-                    next_check: Instant::now(),
-                    checking: false,
-                    failed_at: None,
-                    launching: false,
-                    last_health: String::new(),
-                    reported: String::new(),
+                    ..Inst::new(
+                        &rec.app,
+                        slot,
+                        digest,
+                        Machine::adopted(MachineConfig::default(), Instant::now()),
+                        rec.port.unwrap_or(0),
+                    )
                 },
             );
         }
@@ -919,23 +937,7 @@ impl Agent {
         };
         self.insts.insert(
             name.to_string(),
-            Inst {
-                app: app.to_string(),
-                slot,
-                digest: plan.digest,
-                machine: Machine::new(cfg),
-                port,
-                pid: 0,
-                since: now_unix(),
-                manifest: None,
-                health_path: None,
-                next_check: Instant::now(),
-                checking: false,
-                failed_at: None,
-                launching: false,
-                last_health: String::new(),
-                reported: String::new(),
-            },
+            Inst::new(app, slot, plan.digest, Machine::new(cfg), port),
         );
         true
     }

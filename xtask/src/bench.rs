@@ -19,6 +19,25 @@ pub fn run(args: &[&str]) -> Result<()> {
     }
 }
 
+/// Runs `cargo xtask bench NAME` again from a release build of xtask when this one is a debug
+/// build (benchmarks whose client side is xtask itself would measure themselves); `None` when
+/// this already is the release build.
+pub fn in_release(name: &str) -> Option<Result<()>> {
+    cfg!(debug_assertions).then(|| {
+        cargo(&[
+            "run",
+            "--release",
+            "--locked",
+            "--quiet",
+            "-p",
+            "xtask",
+            "--",
+            "bench",
+            name,
+        ])
+    })
+}
+
 const SIZE: usize = 20 << 20;
 const RUNS: usize = 5;
 

@@ -78,18 +78,8 @@ struct Ctx {
 
 pub fn run() -> Result<()> {
     // A debug xtask would slow the bare loop and the port probe; run from a release build.
-    if cfg!(debug_assertions) {
-        return cargo(&[
-            "run",
-            "--release",
-            "--locked",
-            "--quiet",
-            "-p",
-            "xtask",
-            "--",
-            "bench",
-            "density",
-        ]);
+    if let Some(result) = crate::bench::in_release("density") {
+        return result;
     }
     // SAFETY: geteuid has no preconditions.
     if unsafe { libc::geteuid() } != 0 {

@@ -30,18 +30,8 @@ const TIMEOUT: Duration = Duration::from_secs(30);
 pub fn run() -> Result<()> {
     // `cargo xtask` is a debug build; as the clients of 1,000 connections it would measure
     // itself more than the fabric, so the benchmark runs from a release build of xtask.
-    if cfg!(debug_assertions) {
-        return cargo(&[
-            "run",
-            "--release",
-            "--locked",
-            "--quiet",
-            "-p",
-            "xtask",
-            "--",
-            "bench",
-            "fabric",
-        ]);
+    if let Some(result) = crate::bench::in_release("fabric") {
+        return result;
     }
     // The fabric inherits the limit: 1,000 subscribers plus their peers in this process.
     raise_nofile(2 * SUBSCRIBERS as u64 + 256)?;
