@@ -133,6 +133,8 @@ struct ChildPlan<'a> {
     devnull: OwnedFd,
     go_read: RawFd,
     err_write: RawFd,
+    /// The descriptor limit, for the per-fd close-on-exec fallback.
+    max_fd: RawFd,
 }
 
 /// Starts `spec` in `cgroup`.
@@ -162,6 +164,7 @@ pub fn spawn(
         devnull,
         go_read: go_read.as_raw_fd(),
         err_write: err_write.as_raw_fd(),
+        max_fd: fd_limit(),
     };
 
     let (pid, pidfd, cloned) = match method {
@@ -211,6 +214,21 @@ pub fn spawn(
         });
     }
     Ok(Spawned { pid, pidfd, cloned })
+}
+
+/// The soft RLIMIT_NOFILE, capped: no descriptor of ours is at or above it.
+fn fd_limit() -> RawFd {
+    let mut rl = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit fills the struct we pass.
+    let ok = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut rl) } == 0;
+    if ok {
+        rl.rlim_cur.min(1 << 20) as RawFd
+    } else {
+        1 << 16
+    }
 }
 
 fn read_all(fd: &OwnedFd, buf: &mut [u8]) -> usize {
@@ -342,13 +360,19 @@ unsafe fn child_main(plan: &ChildPlan<'_>) -> ! {
         {
             fail(2);
         }
-        // Nothing else of the agent leaks into the spore.
-        libc::syscall(
+        // Nothing else of the agent leaks into the spore: close_range(CLOEXEC) where the
+        // kernel has it (5.11+), else every descriptor up to the limit one by one.
+        if libc::syscall(
             libc::SYS_close_range,
             3u32,
             u32::MAX,
             libc::CLOSE_RANGE_CLOEXEC,
-        );
+        ) != 0
+        {
+            for fd in 3..plan.max_fd {
+                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+            }
+        }
         if libc::chdir(spec.cwd.as_ptr()) != 0 {
             fail(3);
         }

@@ -144,7 +144,24 @@ pub fn build_config(cmd: &AgentCmd) -> Result<AgentConfig> {
     })
 }
 
+/// Makes sure descriptors 0-2 are open (on /dev/null if the agent was started without them), so
+/// that no descriptor the agent opens later lands there and reaches a spore as its stdout.
+fn ensure_std_fds() {
+    for fd in 0..3 {
+        // SAFETY: F_GETFD only queries a descriptor number.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } == -1 {
+            // open(2) returns the lowest free descriptor: this one. It stays open for good.
+            let _ = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open("/dev/null")
+                .map(std::mem::forget);
+        }
+    }
+}
+
 pub fn run(cmd: AgentCmd) -> Result<()> {
+    ensure_std_fds();
     crate::init_logging();
     let cfg = build_config(&cmd)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
