@@ -508,6 +508,7 @@ impl Vm {
         if readonly {
             cmd.arg("--readonly");
         }
+        die_with_parent(&mut cmd);
         self.children.push(
             cmd.spawn()
                 .with_context(|| format!("starting {}", bin.display()))?,
@@ -539,6 +540,7 @@ impl Vm {
     /// Runs qemu to its end (the guest powers off) or to the timeout, printing the guest's
     /// console as it comes; the virtiofsds end with it.
     fn run_qemu(&mut self, mut qemu: Command) -> Result<std::process::ExitStatus> {
+        die_with_parent(&mut qemu);
         let mut child = qemu
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -621,5 +623,19 @@ fn print_console(mut console: impl Read) {
         let mut lock = stdout.lock();
         let _ = lock.write_all(&text);
         let _ = lock.flush();
+    }
+}
+
+/// qemu and virtiofsd end with this process even if it is killed before its cleanup runs.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: the closure runs in the forked child before exec and only makes one prctl call.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
