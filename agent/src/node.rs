@@ -541,6 +541,21 @@ impl Agent {
                 SubEvent::Reset => self.budgets.clear(),
                 SubEvent::Put(e) => {
                     if let Ok(b) = Budget::from_fields(&e.fields) {
+                        // Apps already running here get the new budget now, not at their next
+                        // start.
+                        if self
+                            .insts
+                            .values()
+                            .any(|i| i.app == b.app && i.machine.running)
+                        {
+                            let (tree, app, limits) =
+                                (self.sup.tree().clone(), b.app.clone(), budget_limits(&b));
+                            tokio::task::spawn_blocking(move || {
+                                if let Err(e) = tree.app(&app, &limits) {
+                                    tracing::warn!(app = %app, "applying the new budget: {e}");
+                                }
+                            });
+                        }
                         self.budgets.insert(b.app.clone(), b);
                     }
                 }
@@ -764,11 +779,7 @@ impl Agent {
         let token = self.cfg.fabric.token.clone();
         let (spores, sup, tx) = (self.spores.clone(), self.sup.clone(), self.tx.clone());
         let (app, slot, digest, port) = (inst.app.clone(), inst.slot, inst.digest, inst.port);
-        let budget = self.budgets.get(&app).map(|b| Limits {
-            memory_bytes: Some(b.memory_mb << 20),
-            cpu_milli: Some(b.cpu_milli),
-            pids: None,
-        });
+        let budget = self.budgets.get(&app).map(budget_limits);
         let name = name.to_string();
         tokio::spawn(async move {
             let result = async {
@@ -1028,6 +1039,15 @@ impl Agent {
                 self.spores.remove_run_dir(&inst.app, &name);
             }
         }
+    }
+}
+
+/// An app's budget as the limits of its cgroup.
+fn budget_limits(b: &Budget) -> Limits {
+    Limits {
+        memory_bytes: Some(b.memory_mb << 20),
+        cpu_milli: Some(b.cpu_milli),
+        pids: None,
     }
 }
 

@@ -668,6 +668,15 @@ fn a_deploy_beyond_the_budget_is_refused_and_the_budget_limits_the_app() {
             assert_eq!(read(&root.v2, "cpu.max"), "100000 100000");
         }
     }
+    // A changed budget reaches the running app's cgroup without a restart.
+    mesh.ok(&["budget", "hello", "--memory", "512M"]);
+    mesh.wait_for("the new memory budget in the app's cgroup", || {
+        let file = match root.v1.get("memory") {
+            Some(mem) => read(mem, "memory.limit_in_bytes"),
+            None => read(&root.v2, "memory.max"),
+        };
+        file == "536870912"
+    });
 
     drop(line);
     drop(agent);
