@@ -672,23 +672,13 @@ impl State {
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::DeleteEndpoint { app, instance } => {
-                let Some(ep) = self.endpoints.remove(&(app.clone(), instance.clone())) else {
+                let key = (app, instance);
+                let Some(rev) = self.remove_endpoint(&key, "deregistered", changes, events) else {
                     return Err(ProtoError::new(
                         Code::NotFound,
-                        format!("no endpoint for app {app} instance {instance}"),
+                        format!("no endpoint for app {} instance {}", key.0, key.1),
                     ));
                 };
-                let rev = self.next_rev(changes);
-                del(changes, Table::Endpoints, &endpoint_key(&app, &instance));
-                self.emit(
-                    EventKind::EndpointDel {
-                        endpoint: ep,
-                        reason: "deregistered".into(),
-                    },
-                    rev,
-                    changes,
-                    events,
-                );
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::PutNode(mut node) => {
@@ -730,23 +720,13 @@ impl State {
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::DeleteInstance { app, instance } => {
-                let Some(inst) = self.instances.remove(&(app.clone(), instance.clone())) else {
+                let key = (app, instance);
+                let Some(rev) = self.remove_instance(&key, "removed", changes, events) else {
                     return Err(ProtoError::new(
                         Code::NotFound,
-                        format!("no instance status for app {app} instance {instance}"),
+                        format!("no instance status for app {} instance {}", key.0, key.1),
                     ));
                 };
-                let rev = self.next_rev(changes);
-                del(changes, Table::Instances, &endpoint_key(&app, &instance));
-                self.emit(
-                    EventKind::InstanceDel {
-                        instance: inst,
-                        reason: "removed".into(),
-                    },
-                    rev,
-                    changes,
-                    events,
-                );
                 Ok(Fields::new().add("rev", rev))
             }
             Mutation::CreateToken { hash, record } => {
@@ -774,6 +754,44 @@ impl State {
     }
 
     /// Deletes a lease and everything attached to it; returns how many objects went.
+    /// Removes an endpoint durably with a `del` event; its revision, if it existed.
+    fn remove_endpoint(
+        &mut self,
+        key: &(String, String),
+        reason: &str,
+        changes: &mut Vec<Change>,
+        events: &mut Vec<Event>,
+    ) -> Option<u64> {
+        let endpoint = self.endpoints.remove(key)?;
+        let rev = self.next_rev(changes);
+        del(changes, Table::Endpoints, &endpoint_key(&key.0, &key.1));
+        let kind = EventKind::EndpointDel {
+            endpoint,
+            reason: reason.to_string(),
+        };
+        self.emit(kind, rev, changes, events);
+        Some(rev)
+    }
+
+    /// Removes an instance status durably with a `del` event; its revision, if it existed.
+    fn remove_instance(
+        &mut self,
+        key: &(String, String),
+        reason: &str,
+        changes: &mut Vec<Change>,
+        events: &mut Vec<Event>,
+    ) -> Option<u64> {
+        let instance = self.instances.remove(key)?;
+        let rev = self.next_rev(changes);
+        del(changes, Table::Instances, &endpoint_key(&key.0, &key.1));
+        let kind = EventKind::InstanceDel {
+            instance,
+            reason: reason.to_string(),
+        };
+        self.emit(kind, rev, changes, events);
+        Some(rev)
+    }
+
     fn drop_lease(
         &mut self,
         id: u64,
@@ -796,19 +814,7 @@ impl State {
             .map(|(k, _)| k.clone())
             .collect();
         for key in &eps {
-            if let Some(ep) = self.endpoints.remove(key) {
-                let rev = self.next_rev(changes);
-                del(changes, Table::Endpoints, &endpoint_key(&key.0, &key.1));
-                self.emit(
-                    EventKind::EndpointDel {
-                        endpoint: ep,
-                        reason: reason.to_string(),
-                    },
-                    rev,
-                    changes,
-                    events,
-                );
-            }
+            self.remove_endpoint(key, reason, changes, events);
         }
         let insts: Vec<(String, String)> = self
             .instances
@@ -817,19 +823,7 @@ impl State {
             .map(|(k, _)| k.clone())
             .collect();
         for key in &insts {
-            if let Some(inst) = self.instances.remove(key) {
-                let rev = self.next_rev(changes);
-                del(changes, Table::Instances, &endpoint_key(&key.0, &key.1));
-                self.emit(
-                    EventKind::InstanceDel {
-                        instance: inst,
-                        reason: reason.to_string(),
-                    },
-                    rev,
-                    changes,
-                    events,
-                );
-            }
+            self.remove_instance(key, reason, changes, events);
         }
         for node in &nodes {
             self.nodes.remove(node);
