@@ -5,6 +5,7 @@
 
 mod agent_cmd;
 mod deploy;
+mod edge_cmd;
 mod fabric_client;
 mod fabric_cmd;
 mod key;
@@ -41,6 +42,8 @@ enum Command {
     Fabric(fabric_cmd::FabricCmd),
     /// Run the node agent: follow the fabric's plans and supervise this node's spores (root).
     Agent(Box<agent_cmd::AgentCmd>),
+    /// Run the HTTP edge: route /app/NAME/ and NAME.<domain> to Ready instances (io_uring).
+    Edge(Box<edge_cmd::EdgeCmd>),
     /// Manage the fabric's access tokens.
     #[command(subcommand)]
     Token(fabric_cmd::TokenCmd),
@@ -84,6 +87,7 @@ fn main() -> ExitCode {
         Command::Spore(cmd) => spore::run(cmd),
         Command::Fabric(cmd) => fabric_cmd::run_fabric(cmd),
         Command::Agent(cmd) => agent_cmd::run(*cmd),
+        Command::Edge(cmd) => edge_cmd::run(*cmd),
         Command::Token(cmd) => fabric_cmd::run_token(cmd),
         Command::Status { fabric } => fabric_cmd::run_status(fabric),
         Command::Deploy(cmd) => deploy::deploy(cmd),
