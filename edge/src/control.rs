@@ -85,7 +85,10 @@ async fn follow_fabric(cfg: Arc<Config>, routes: Arc<Routes>, metrics: Arc<Metri
         let ev = match ev {
             Ok(ev) => ev,
             Err(e) => {
-                tracing::error!("edge cannot follow the fabric's {}: {e}", if is_endpoints { "endpoints" } else { "plans" });
+                tracing::error!(
+                    "edge cannot follow the fabric's {}: {e}",
+                    if is_endpoints { "endpoints" } else { "plans" }
+                );
                 tokio::time::sleep(Duration::from_secs(5)).await;
                 continue;
             }
@@ -109,9 +112,7 @@ async fn follow_fabric(cfg: Arc<Config>, routes: Arc<Routes>, metrics: Arc<Metri
             }
             SubEvent::Put(e) | SubEvent::Del(e) if e.kind == "endpoint" => {
                 let put = e.get("op") == Some("put");
-                if let Some(r) = e.get("rev").and_then(|r| r.parse().ok()) {
-                    rev = rev.max(r);
-                }
+                rev = rev.max(event_rev(&e));
                 let (Some(app), Some(instance)) = (e.get("app"), e.get("instance")) else {
                     continue;
                 };
@@ -125,6 +126,7 @@ async fn follow_fabric(cfg: Arc<Config>, routes: Arc<Routes>, metrics: Arc<Metri
                 }
             }
             SubEvent::Put(e) | SubEvent::Del(e) if e.kind == "plan" => {
+                rev = rev.max(event_rev(&e));
                 if let Some(app) = e.get("app") {
                     builder.plan(app, e.get("op") == Some("put"));
                 }
@@ -135,17 +137,38 @@ async fn follow_fabric(cfg: Arc<Config>, routes: Arc<Routes>, metrics: Arc<Metri
             let old = routes.load();
             let table = builder.build(&old, rev);
             let changed = table.apps.len() != old.apps.len()
-                || table.apps.values().map(|a| a.endpoints.len()).sum::<usize>()
+                || table
+                    .apps
+                    .values()
+                    .map(|a| a.endpoints.len())
+                    .sum::<usize>()
                     != old.apps.values().map(|a| a.endpoints.len()).sum::<usize>();
             if changed {
-                tracing::info!(rev, apps = table.apps.len(), endpoints = table.apps.values().map(|a| a.endpoints.len()).sum::<usize>(), "routes updated");
+                tracing::info!(
+                    rev,
+                    apps = table.apps.len(),
+                    endpoints = table
+                        .apps
+                        .values()
+                        .map(|a| a.endpoints.len())
+                        .sum::<usize>(),
+                    "routes updated"
+                );
             }
             routes.store(table);
         }
     }
 }
 
-async fn serve_admin(listener: tokio::net::TcpListener, routes: Arc<Routes>, metrics: Arc<Metrics>) {
+fn event_rev(e: &mesh_common::client::Event) -> u64 {
+    e.get("rev").and_then(|r| r.parse().ok()).unwrap_or(0)
+}
+
+async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    routes: Arc<Routes>,
+    metrics: Arc<Metrics>,
+) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -165,9 +188,17 @@ async fn serve_admin(listener: tokio::net::TcpListener, routes: Arc<Routes>, met
     }
 }
 
-fn admin_response<B>(req: &Request<B>, routes: &Routes, metrics: &Metrics) -> Response<Full<Bytes>> {
+fn admin_response<B>(
+    req: &Request<B>,
+    routes: &Routes,
+    metrics: &Metrics,
+) -> Response<Full<Bytes>> {
     let (status, ctype, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4", metrics.render()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            metrics.render(),
+        ),
         "/healthz" => (StatusCode::OK, "text/plain", "ok\n".to_string()),
         "/routes" => {
             let t = routes.load();
@@ -175,7 +206,12 @@ fn admin_response<B>(req: &Request<B>, routes: &Routes, metrics: &Metrics) -> Re
             let mut apps: Vec<_> = t.apps.values().collect();
             apps.sort_by(|a, b| a.name.cmp(&b.name));
             for a in apps {
-                let _ = write!(s, "{}{}:", a.name, if a.keep_prefix { " (prefix kept)" } else { "" });
+                let _ = write!(
+                    s,
+                    "{}{}:",
+                    a.name,
+                    if a.keep_prefix { " (prefix kept)" } else { "" }
+                );
                 for e in &a.endpoints {
                     let _ = write!(s, " {}={}", e.instance, e.addr);
                 }
@@ -183,7 +219,11 @@ fn admin_response<B>(req: &Request<B>, routes: &Routes, metrics: &Metrics) -> Re
             }
             (StatusCode::OK, "text/plain", s)
         }
-        _ => (StatusCode::NOT_FOUND, "text/plain", "try /metrics, /healthz or /routes\n".to_string()),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "try /metrics, /healthz or /routes\n".to_string(),
+        ),
     };
     Response::builder()
         .status(status)

@@ -128,7 +128,7 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
         } else {
             path.to_string()
         };
-    } else if !target.starts_with('/') && !(target == "*" && method == "OPTIONS") {
+    } else if !(target.starts_with('/') || (target == "*" && method == "OPTIONS")) {
         return Err(RequestError::Malformed("request target is not origin-form"));
     }
     let fields: Vec<(String, Vec<u8>)> = req
@@ -161,9 +161,9 @@ pub fn parse_request(buf: &[u8], max_head: usize) -> Result<Option<RequestHead>,
         (Some(0), false) | (None, false) => Framing::None,
         (Some(n), false) => Framing::Length(n),
     };
-    let expect_continue = fields.iter().any(|(n, v)| {
-        n.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case(b"100-continue")
-    });
+    let expect_continue = fields
+        .iter()
+        .any(|(n, v)| n.eq_ignore_ascii_case("expect") && v.eq_ignore_ascii_case(b"100-continue"));
     Ok(Some(RequestHead {
         method,
         target,
@@ -344,7 +344,9 @@ fn hop_by_hop(name: &str, listed: &[Vec<u8>]) -> bool {
         "proxy-authorization",
     ];
     FIXED.iter().any(|h| name.eq_ignore_ascii_case(h))
-        || listed.iter().any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+        || listed
+            .iter()
+            .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
 }
 
 /// Header names listed in Connection (they are hop-by-hop too), except close/keep-alive.
@@ -641,7 +643,10 @@ mod tests {
         assert_eq!(h.host.as_deref(), Some("hello.example"));
         assert_eq!(h.framing, Framing::None);
         assert!(h.keep_alive);
-        assert_eq!(h.len, "GET /app/hello/x?y=1 HTTP/1.1\r\nHost: Hello.Example:8080\r\n\r\n".len());
+        assert_eq!(
+            h.len,
+            "GET /app/hello/x?y=1 HTTP/1.1\r\nHost: Hello.Example:8080\r\n\r\n".len()
+        );
     }
 
     #[test]
@@ -713,9 +718,16 @@ mod tests {
     #[test]
     fn responses_without_bodies_and_until_close() {
         let r = |s: &str, head| parse_response(s.as_bytes(), 8192, head).unwrap().unwrap();
-        assert_eq!(r("HTTP/1.1 204 No Content\r\n\r\n", false).framing, Framing::None);
         assert_eq!(
-            r("HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n", false).framing,
+            r("HTTP/1.1 204 No Content\r\n\r\n", false).framing,
+            Framing::None
+        );
+        assert_eq!(
+            r(
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 5\r\n\r\n",
+                false
+            )
+            .framing,
             Framing::None
         );
         assert_eq!(

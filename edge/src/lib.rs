@@ -91,7 +91,9 @@ pub enum EdgeError {
         addr: SocketAddr,
         source: std::io::Error,
     },
-    #[error("cannot set up io_uring: {0} (the edge needs Linux 6.0 or later with io_uring enabled)")]
+    #[error(
+        "cannot set up io_uring: {0} (the edge needs Linux 6.0 or later with io_uring enabled)"
+    )]
     Ring(std::io::Error),
     #[error("cannot serve the admin port {addr}: {source}")]
     Admin {
@@ -177,7 +179,12 @@ impl Edge {
             close_all(&per_worker);
             return Err(EdgeError::Ring(e));
         }
-        let (admin, control) = match control::start(cfg.clone(), routes.clone(), metrics.clone(), shutdown.clone()) {
+        let (admin, control) = match control::start(
+            cfg.clone(),
+            routes.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        ) {
             Ok(x) => x,
             Err(e) => {
                 close_all(&per_worker);
@@ -186,12 +193,23 @@ impl Edge {
         };
         let mut workers = Vec::new();
         for (w, fds) in per_worker.into_iter().enumerate() {
-            let (cfg, routes, metrics, shutdown) =
-                (cfg.clone(), routes.clone(), metrics.clone(), shutdown.clone());
+            let (cfg, routes, metrics, shutdown) = (
+                cfg.clone(),
+                routes.clone(),
+                metrics.clone(),
+                shutdown.clone(),
+            );
             let handle = std::thread::Builder::new()
                 .name(format!("edge-{w}"))
                 .spawn(move || {
-                    let worker = proxy::Worker::new(cfg, routes, metrics, shutdown, fds, per_worker_clients)?;
+                    let worker = proxy::Worker::new(
+                        cfg,
+                        routes,
+                        metrics,
+                        shutdown,
+                        fds,
+                        per_worker_clients,
+                    )?;
                     worker.run()
                 })
                 .map_err(EdgeError::Thread)?;

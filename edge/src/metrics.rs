@@ -67,7 +67,10 @@ impl AppCounters {
     }
 
     pub fn upstream_error(&self, kind: UpstreamError) {
-        let i = UpstreamError::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = UpstreamError::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
         self.upstream_errors[i].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -77,7 +80,10 @@ impl AppCounters {
     }
 
     pub fn upstream_errors(&self, kind: UpstreamError) -> u64 {
-        let i = UpstreamError::ALL.iter().position(|k| *k == kind).unwrap_or(0);
+        let i = UpstreamError::ALL
+            .iter()
+            .position(|k| *k == kind)
+            .unwrap_or(0);
         self.upstream_errors[i].load(Ordering::Relaxed)
     }
 }
@@ -118,20 +124,30 @@ impl Metrics {
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        let apps = self
-            .apps
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
+        let apps = self.apps.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let l = |a: &AtomicU64| a.load(Ordering::Relaxed);
         let family = |out: &mut String, name: &str, kind: &str, help: &str| {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         };
-        family(&mut out, "mesh_edge_requests_total", "counter", "Requests routed to an app.");
+        family(
+            &mut out,
+            "mesh_edge_requests_total",
+            "counter",
+            "Requests routed to an app.",
+        );
         for (app, c) in &apps {
-            let _ = writeln!(out, "mesh_edge_requests_total{{app=\"{app}\"}} {}", l(&c.requests));
+            let _ = writeln!(
+                out,
+                "mesh_edge_requests_total{{app=\"{app}\"}} {}",
+                l(&c.requests)
+            );
         }
-        family(&mut out, "mesh_edge_responses_total", "counter", "Responses sent, by status class.");
+        family(
+            &mut out,
+            "mesh_edge_responses_total",
+            "counter",
+            "Responses sent, by status class.",
+        );
         for (app, c) in &apps {
             for class in 1..=5u16 {
                 let _ = writeln!(
@@ -141,7 +157,12 @@ impl Metrics {
                 );
             }
         }
-        family(&mut out, "mesh_edge_upstream_errors_total", "counter", "Failed upstream exchanges, by kind.");
+        family(
+            &mut out,
+            "mesh_edge_upstream_errors_total",
+            "counter",
+            "Failed upstream exchanges, by kind.",
+        );
         for (app, c) in &apps {
             for kind in UpstreamError::ALL {
                 let _ = writeln!(
@@ -152,16 +173,43 @@ impl Metrics {
                 );
             }
         }
-        family(&mut out, "mesh_edge_retries_total", "counter", "Requests sent to a second endpoint after the first failed.");
+        family(
+            &mut out,
+            "mesh_edge_retries_total",
+            "counter",
+            "Requests sent to a second endpoint after the first failed.",
+        );
         for (app, c) in &apps {
-            let _ = writeln!(out, "mesh_edge_retries_total{{app=\"{app}\"}} {}", l(&c.retries));
+            let _ = writeln!(
+                out,
+                "mesh_edge_retries_total{{app=\"{app}\"}} {}",
+                l(&c.retries)
+            );
         }
-        family(&mut out, "mesh_edge_bytes_total", "counter", "Bytes of requests received (in) and responses sent (out).");
+        family(
+            &mut out,
+            "mesh_edge_bytes_total",
+            "counter",
+            "Bytes of requests received (in) and responses sent (out).",
+        );
         for (app, c) in &apps {
-            let _ = writeln!(out, "mesh_edge_bytes_total{{app=\"{app}\",direction=\"in\"}} {}", l(&c.bytes_in));
-            let _ = writeln!(out, "mesh_edge_bytes_total{{app=\"{app}\",direction=\"out\"}} {}", l(&c.bytes_out));
+            let _ = writeln!(
+                out,
+                "mesh_edge_bytes_total{{app=\"{app}\",direction=\"in\"}} {}",
+                l(&c.bytes_in)
+            );
+            let _ = writeln!(
+                out,
+                "mesh_edge_bytes_total{{app=\"{app}\",direction=\"out\"}} {}",
+                l(&c.bytes_out)
+            );
         }
-        family(&mut out, "mesh_edge_request_duration_seconds", "histogram", "From a complete request head to the last response byte queued.");
+        family(
+            &mut out,
+            "mesh_edge_request_duration_seconds",
+            "histogram",
+            "From a complete request head to the last response byte queued.",
+        );
         for (app, c) in &apps {
             let mut cumulative = 0;
             for (i, bound) in LATENCY_BUCKETS_US.iter().enumerate() {
@@ -173,32 +221,116 @@ impl Metrics {
                 );
             }
             cumulative += l(&c.latency[LATENCY_BUCKETS_US.len()]);
-            let _ = writeln!(out, "mesh_edge_request_duration_seconds_bucket{{app=\"{app}\",le=\"+Inf\"}} {cumulative}");
-            let _ = writeln!(out, "mesh_edge_request_duration_seconds_sum{{app=\"{app}\"}} {}", l(&c.latency_sum_us) as f64 / 1e6);
-            let _ = writeln!(out, "mesh_edge_request_duration_seconds_count{{app=\"{app}\"}} {cumulative}");
+            let _ = writeln!(
+                out,
+                "mesh_edge_request_duration_seconds_bucket{{app=\"{app}\",le=\"+Inf\"}} {cumulative}"
+            );
+            let _ = writeln!(
+                out,
+                "mesh_edge_request_duration_seconds_sum{{app=\"{app}\"}} {}",
+                l(&c.latency_sum_us) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "mesh_edge_request_duration_seconds_count{{app=\"{app}\"}} {cumulative}"
+            );
         }
         let e = &self.edge;
         let scalars: [(&str, &str, &str, &AtomicU64); 12] = [
-            ("mesh_edge_connections_accepted_total", "counter", "Client connections accepted.", &e.connections_accepted),
-            ("mesh_edge_connections_refused_total", "counter", "Client connections closed at once: over the connection limit.", &e.connections_refused),
-            ("mesh_edge_connections_open", "gauge", "Client connections open now.", &e.connections_open),
-            ("mesh_edge_unknown_app_total", "counter", "Requests for no known app (404).", &e.unknown_app),
-            ("mesh_edge_upstream_connects_total", "counter", "Upstream connections opened.", &e.upstream_connects),
-            ("mesh_edge_upstream_reused_total", "counter", "Requests sent on a pooled upstream connection.", &e.upstream_reused),
-            ("mesh_edge_ejections_total", "counter", "Endpoints taken out of rotation after repeated failures.", &e.ejections),
-            ("mesh_edge_body_bytes_spliced_total", "counter", "Response body bytes moved with splice(2).", &e.body_bytes_spliced),
-            ("mesh_edge_body_bytes_copied_total", "counter", "Body bytes moved through user space.", &e.body_bytes_copied),
-            ("mesh_edge_splice_fallbacks_total", "counter", "Large bodies copied because no pipe was free.", &e.splice_fallbacks),
-            ("mesh_edge_rejected_408_total", "counter", "Requests whose head did not arrive in time.", &e.rejected_408),
-            ("mesh_edge_rejected_431_total", "counter", "Requests with too large or too many header fields.", &e.rejected_431),
+            (
+                "mesh_edge_connections_accepted_total",
+                "counter",
+                "Client connections accepted.",
+                &e.connections_accepted,
+            ),
+            (
+                "mesh_edge_connections_refused_total",
+                "counter",
+                "Client connections closed at once: over the connection limit.",
+                &e.connections_refused,
+            ),
+            (
+                "mesh_edge_connections_open",
+                "gauge",
+                "Client connections open now.",
+                &e.connections_open,
+            ),
+            (
+                "mesh_edge_unknown_app_total",
+                "counter",
+                "Requests for no known app (404).",
+                &e.unknown_app,
+            ),
+            (
+                "mesh_edge_upstream_connects_total",
+                "counter",
+                "Upstream connections opened.",
+                &e.upstream_connects,
+            ),
+            (
+                "mesh_edge_upstream_reused_total",
+                "counter",
+                "Requests sent on a pooled upstream connection.",
+                &e.upstream_reused,
+            ),
+            (
+                "mesh_edge_ejections_total",
+                "counter",
+                "Endpoints taken out of rotation after repeated failures.",
+                &e.ejections,
+            ),
+            (
+                "mesh_edge_body_bytes_spliced_total",
+                "counter",
+                "Response body bytes moved with splice(2).",
+                &e.body_bytes_spliced,
+            ),
+            (
+                "mesh_edge_body_bytes_copied_total",
+                "counter",
+                "Body bytes moved through user space.",
+                &e.body_bytes_copied,
+            ),
+            (
+                "mesh_edge_splice_fallbacks_total",
+                "counter",
+                "Large bodies copied because no pipe was free.",
+                &e.splice_fallbacks,
+            ),
+            (
+                "mesh_edge_rejected_408_total",
+                "counter",
+                "Requests whose head did not arrive in time.",
+                &e.rejected_408,
+            ),
+            (
+                "mesh_edge_rejected_431_total",
+                "counter",
+                "Requests with too large or too many header fields.",
+                &e.rejected_431,
+            ),
         ];
         for (name, kind, help, v) in scalars {
             family(&mut out, name, kind, help);
             let _ = writeln!(out, "{name} {}", l(v));
         }
-        family(&mut out, "mesh_edge_rejected_total", "counter", "Requests refused before routing, by status.");
-        for (status, v) in [("400", &e.rejected_400), ("408", &e.rejected_408), ("431", &e.rejected_431), ("other", &e.rejected_other)] {
-            let _ = writeln!(out, "mesh_edge_rejected_total{{status=\"{status}\"}} {}", l(v));
+        family(
+            &mut out,
+            "mesh_edge_rejected_total",
+            "counter",
+            "Requests refused before routing, by status.",
+        );
+        for (status, v) in [
+            ("400", &e.rejected_400),
+            ("408", &e.rejected_408),
+            ("431", &e.rejected_431),
+            ("other", &e.rejected_other),
+        ] {
+            let _ = writeln!(
+                out,
+                "mesh_edge_rejected_total{{status=\"{status}\"}} {}",
+                l(v)
+            );
         }
         out
     }
@@ -221,9 +353,17 @@ mod tests {
         assert!(text.contains("mesh_edge_requests_total{app=\"hello\"} 3"));
         assert!(text.contains("mesh_edge_responses_total{app=\"hello\",class=\"2xx\"} 2"));
         assert!(text.contains("mesh_edge_responses_total{app=\"hello\",class=\"5xx\"} 1"));
-        assert!(text.contains("mesh_edge_request_duration_seconds_bucket{app=\"hello\",le=\"0.0005\"} 1"));
-        assert!(text.contains("mesh_edge_request_duration_seconds_bucket{app=\"hello\",le=\"0.05\"} 2"));
-        assert!(text.contains("mesh_edge_request_duration_seconds_bucket{app=\"hello\",le=\"+Inf\"} 3"));
+        assert!(
+            text.contains(
+                "mesh_edge_request_duration_seconds_bucket{app=\"hello\",le=\"0.0005\"} 1"
+            )
+        );
+        assert!(
+            text.contains("mesh_edge_request_duration_seconds_bucket{app=\"hello\",le=\"0.05\"} 2")
+        );
+        assert!(
+            text.contains("mesh_edge_request_duration_seconds_bucket{app=\"hello\",le=\"+Inf\"} 3")
+        );
         assert!(text.contains("mesh_edge_upstream_errors_total{app=\"hello\",kind=\"timeout\"} 1"));
     }
 }

@@ -130,7 +130,9 @@ impl Body {
         match self {
             Body::None => Ok(0),
             Body::Length(rest) => {
-                let n = input.len().min(usize::try_from(*rest).unwrap_or(usize::MAX));
+                let n = input
+                    .len()
+                    .min(usize::try_from(*rest).unwrap_or(usize::MAX));
                 *rest -= n as u64;
                 if *rest == 0 {
                     *self = Body::None;
@@ -267,7 +269,6 @@ impl Worker {
         })
     }
 
-
     pub(crate) fn run(mut self) -> std::io::Result<()> {
         for i in 0..self.listeners.len() {
             self.arm_accept(i);
@@ -394,9 +395,7 @@ impl Worker {
             return false;
         }
         match cl.ex.as_ref().and_then(|e| e.upstream) {
-            Some((ui, ug)) => ups
-                .get(ui, ug)
-                .is_none_or(|u| u.out.pending() < HIGH_WATER),
+            Some((ui, ug)) => ups.get(ui, ug).is_none_or(|u| u.out.pending() < HIGH_WATER),
             None => true,
         }
     }
@@ -475,7 +474,11 @@ impl Worker {
         }
         cl.out.sent(c.result as usize);
         cl.idle_deadline = now_ms(self.epoch) + self.cfg.client_idle_ms;
-        if !cl.closing && cl.out.start(&mut self.ring, cl.fd, token(CLIENT_SEND, ci, g)) {
+        if !cl.closing
+            && cl
+                .out
+                .start(&mut self.ring, cl.fd, token(CLIENT_SEND, ci, g))
+        {
             cl.ops += 1;
         } else if cl.out.is_empty() {
             self.client_drained(ci, g);
@@ -516,7 +519,9 @@ impl Worker {
     fn send_client(&mut self, ci: usize, g: u32) {
         if let Some(cl) = self.clients.get(ci, g)
             && !cl.closing
-            && cl.out.start(&mut self.ring, cl.fd, token(CLIENT_SEND, ci, g))
+            && cl
+                .out
+                .start(&mut self.ring, cl.fd, token(CLIENT_SEND, ci, g))
         {
             cl.ops += 1;
         }
@@ -596,7 +601,10 @@ impl Worker {
         let (app, target) = match route {
             Route::App(app, target) => (app.clone(), target),
             Route::Unknown(name) => {
-                self.metrics.edge.unknown_app.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .edge
+                    .unknown_app
+                    .fetch_add(1, Ordering::Relaxed);
                 let msg = match name {
                     Some(n) => format!("no app named {n:?} on this mesh\n"),
                     None => "no app here: use /app/<name>/ or Host: <name>.<domain>\n".into(),
@@ -755,7 +763,10 @@ impl Worker {
             Ok(n) => n,
             Err(e) => {
                 tracing::info!(peer = %cl.peer, app = %ex.app.name, "request body refused: {e}");
-                self.metrics.edge.rejected_400.fetch_add(1, Ordering::Relaxed);
+                self.metrics
+                    .edge
+                    .rejected_400
+                    .fetch_add(1, Ordering::Relaxed);
                 // What was forwarded so far is an incomplete request: that upstream
                 // connection cannot be used again.
                 self.close_up(ui, ug);
@@ -1256,7 +1267,6 @@ impl Worker {
         self.send_client(ci, g);
     }
 
-
     /// The upstream connection failed (connect refused, reset, EOF, timeout).
     fn upstream_failed(&mut self, ui: usize, ug: u32, kind: UpstreamError, why: &str) {
         let Some(u) = self.ups.get(ui, ug) else {
@@ -1300,7 +1310,11 @@ impl Worker {
             }
         }
         tracing::warn!(app = %ex.app.name, endpoint = %ep.addr, "upstream {}: {why}", kind.label());
-        let status = if kind == UpstreamError::Timeout { 504 } else { 502 };
+        let status = if kind == UpstreamError::Timeout {
+            504
+        } else {
+            502
+        };
         let body = if status == 504 {
             "the app did not answer in time\n"
         } else {
@@ -1415,10 +1429,19 @@ impl Worker {
                     if let Some(t) = cl.head_started
                         && now > t + self.cfg.head_timeout_ms
                     {
-                        self.metrics.edge.rejected_408.fetch_add(1, Ordering::Relaxed);
+                        self.metrics
+                            .edge
+                            .rejected_408
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::info!(peer = %cl.peer, "request head not complete in time: 408");
                         cl.head_started = None;
-                        self.local_response(ci, g, 408, "request head not complete in time\n", true);
+                        self.local_response(
+                            ci,
+                            g,
+                            408,
+                            "request head not complete in time\n",
+                            true,
+                        );
                     } else if (cl.inbuf.is_empty() && cl.out.is_empty())
                         && (now > cl.idle_deadline || self.stopping_since.is_some())
                     {

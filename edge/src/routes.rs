@@ -177,7 +177,8 @@ impl Routes {
     pub fn failure(&self, e: &Endpoint) -> bool {
         let n = e.consecutive_failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= self.policy.consecutive_failures {
-            let until = self.now_ms() + u64::try_from(self.policy.ejection.as_millis()).unwrap_or(0);
+            let until =
+                self.now_ms() + u64::try_from(self.policy.ejection.as_millis()).unwrap_or(0);
             e.ejected_until_ms.store(until, Ordering::Relaxed);
             e.consecutive_failures.store(0, Ordering::Relaxed);
             return true;
@@ -234,7 +235,8 @@ impl RouteBuilder {
     }
 
     pub fn remove(&mut self, app: &str, instance: &str) {
-        self.endpoints.remove(&(app.to_string(), instance.to_string()));
+        self.endpoints
+            .remove(&(app.to_string(), instance.to_string()));
     }
 
     /// A new table; endpoints unchanged since `old` keep their state (and identity), those
@@ -316,18 +318,33 @@ mod tests {
     fn paths_and_hosts_resolve_with_prefix_rules() {
         let (_, t) = table(
             &["kept"],
-            &[("hello", "h1", "127.0.0.1:1"), ("kept", "k1", "127.0.0.1:2")],
+            &[
+                ("hello", "h1", "127.0.0.1:1"),
+                ("kept", "k1", "127.0.0.1:2"),
+            ],
         );
         let r = |host: Option<&str>, path: &str| target(resolve(&t, "mesh.test", host, path));
-        assert_eq!(r(None, "/app/hello/x/y?z"), Some(("hello".into(), "/x/y?z".into())));
+        assert_eq!(
+            r(None, "/app/hello/x/y?z"),
+            Some(("hello".into(), "/x/y?z".into()))
+        );
         assert_eq!(r(None, "/app/hello"), Some(("hello".into(), "/".into())));
-        assert_eq!(r(None, "/app/hello?q=1"), Some(("hello".into(), "/?q=1".into())));
-        assert_eq!(r(None, "/app/kept/x"), Some(("kept".into(), "/app/kept/x".into())));
+        assert_eq!(
+            r(None, "/app/hello?q=1"),
+            Some(("hello".into(), "/?q=1".into()))
+        );
+        assert_eq!(
+            r(None, "/app/kept/x"),
+            Some(("kept".into(), "/app/kept/x".into()))
+        );
         assert_eq!(
             r(Some("hello.mesh.test"), "/app/kept/x"),
             Some(("hello".into(), "/app/kept/x".into()))
         );
-        assert_eq!(r(Some("other.host"), "/app/hello/"), Some(("hello".into(), "/".into())));
+        assert_eq!(
+            r(Some("other.host"), "/app/hello/"),
+            Some(("hello".into(), "/".into()))
+        );
         assert_eq!(r(None, "/app/nope/"), None);
         assert_eq!(r(None, "/"), None);
         assert_eq!(r(Some("a.b.mesh.test"), "/x"), None);

@@ -167,7 +167,7 @@ fn sockname(fd: RawFd, peer: bool) -> io::Result<SocketAddr> {
             let ip = std::net::Ipv6Addr::from(a.sin6_addr.s6_addr);
             Ok(SocketAddr::new(IpAddr::V6(ip), u16::from_be(a.sin6_port)))
         }
-        _ => Err(io::Error::new(io::ErrorKind::Other, "not an inet socket")),
+        _ => Err(io::Error::other("not an inet socket")),
     }
 }
 

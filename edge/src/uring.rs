@@ -119,8 +119,12 @@ impl Ring {
         let mut bufs = BufRing::new(buffers, buffer_size)?;
         // SAFETY: the ring memory stays mapped until Drop, which unregisters it first.
         unsafe {
-            ring.submitter()
-                .register_buf_ring_with_flags(bufs.ring as u64, buffers, BUF_GROUP, 0)?;
+            ring.submitter().register_buf_ring_with_flags(
+                bufs.ring as u64,
+                buffers,
+                BUF_GROUP,
+                0,
+            )?;
         }
         for id in 0..buffers {
             bufs.push(id);

@@ -4,6 +4,8 @@
 //! This library holds what the tests share: finding the binaries, free ports, and a guard
 //! that never leaves a child process behind.
 
+pub mod edge;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
