@@ -11,6 +11,7 @@
 //! `pidfd`, `procfs` (identity), `users`, `capabilities`, `logs`, `record` (state on disk),
 //! `supervisor` (start, watch, stop, adopt).
 
+pub mod accounting;
 pub mod capabilities;
 pub mod cgroup;
 pub mod health;

@@ -11,6 +11,16 @@ pub enum ExitStatus {
     Signaled(i32),
 }
 
+impl ExitStatus {
+    /// From a wait(2) status word as the kernel keeps it: (code << 8) | signal.
+    pub fn from_wait_status(w: i32) -> ExitStatus {
+        match w & 0x7f {
+            0 => ExitStatus::Exited((w >> 8) & 0xff),
+            sig => ExitStatus::Signaled(sig),
+        }
+    }
+}
+
 impl std::fmt::Display for ExitStatus {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {

@@ -17,6 +17,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tracing::Instrument;
 
+use crate::accounting::Accounting;
 use crate::capabilities::{CapError, CapPolicy};
 use crate::cgroup::{CgroupRoot, CgroupTree, Limits, Mode};
 use crate::record::InstanceRecord;
@@ -38,6 +39,8 @@ pub struct SupervisorConfig {
     pub spawn_method: SpawnMethod,
     pub log_max_bytes: u64,
     pub log_keep: usize,
+    /// Load the eBPF accounting programs (the agent does; most tests do not).
+    pub ebpf: bool,
 }
 
 impl SupervisorConfig {
@@ -51,6 +54,7 @@ impl SupervisorConfig {
             spawn_method: SpawnMethod::Auto,
             log_max_bytes: 10 << 20,
             log_keep: 3,
+            ebpf: false,
         }
     }
 }
@@ -151,6 +155,7 @@ struct Inner {
     tree: CgroupTree,
     instances: Mutex<HashMap<(String, String), Arc<Running>>>,
     events: mpsc::UnboundedSender<ExitEvent>,
+    accounting: Option<Arc<Accounting>>,
 }
 
 /// Starts, watches, stops and re-adopts instances. Cheap to clone.
@@ -190,6 +195,24 @@ impl Supervisor {
             root = %cfg.cgroup_root.v2.display(),
             "supervisor ready"
         );
+        // eBPF is an addition: a kernel that refuses it leaves a working supervisor.
+        let accounting = if cfg.ebpf {
+            let spores = tree.spores();
+            match Accounting::load(&spores.v2) {
+                Ok(a) => {
+                    tracing::info!(programs = ?a.programs, "eBPF accounting loaded");
+                    Some(a)
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        "eBPF accounting is off: {e}. CPU, memory and pids still come from the cgroup files; network bytes, run-queue latency and exit codes of re-adopted spores are not available"
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
         let (tx, rx) = mpsc::unbounded_channel();
         let sup = Supervisor {
             inner: Arc::new(Inner {
@@ -197,10 +220,16 @@ impl Supervisor {
                 tree,
                 instances: Mutex::new(HashMap::new()),
                 events: tx,
+                accounting,
             }),
         };
         tokio::spawn(rotate_logs(Arc::downgrade(&sup.inner)));
         Ok((sup, rx))
+    }
+
+    /// The eBPF accounting, if it loaded.
+    pub fn accounting(&self) -> Option<&Arc<Accounting>> {
+        self.inner.accounting.as_ref()
     }
 
     pub fn mode(&self) -> Mode {
@@ -275,6 +304,12 @@ impl Supervisor {
                 .map_err(SupervisorError::Cgroup)?;
             let cg = inner.tree.instance(&app, &instance);
             cg.create().map_err(SupervisorError::Cgroup)?;
+            // counted before its first process runs, so that eBPF sees the exec
+            if let (Some(acc), Ok(id)) = (&inner.accounting, cg.id())
+                && let Err(e) = acc.watch(id)
+            {
+                tracing::warn!("{e}");
+            }
             let result = (|| -> Result<spawn::Spawned, SupervisorError> {
                 cg.apply(&limits).map_err(SupervisorError::Cgroup)?;
                 let output = logs::open_output(&log_dir)
@@ -424,7 +459,7 @@ impl Supervisor {
         for rec in InstanceRecord::load_all(&state_dir) {
             let cgroup = self.inner.tree.instance(&rec.app, &rec.instance);
             match identify(&rec) {
-                Some(fd) => match self.watch(rec.clone(), cgroup, fd, false) {
+                Some(fd) => match self.watch_adopted(rec.clone(), cgroup, fd) {
                     Ok(info) => {
                         tracing::info!(app = %rec.app, instance = %rec.instance, pid = rec.pid, "re-adopted a running instance");
                         adopted.push(info);
@@ -449,6 +484,18 @@ impl Supervisor {
             }
         }
         adopted
+    }
+
+    fn watch_adopted(
+        &self,
+        rec: InstanceRecord,
+        cgroup: CgroupRoot,
+        fd: OwnedFd,
+    ) -> Result<InstanceInfo, SupervisorError> {
+        if let (Some(acc), Ok(id)) = (&self.inner.accounting, cgroup.id()) {
+            let _ = acc.watch(id);
+        }
+        self.watch(rec, cgroup, fd, false)
     }
 
     /// Stops every instance (agent shutdown with `stop_all`), then removes empty cgroups.
@@ -547,6 +594,7 @@ async fn watch_exit(inner: Arc<Inner>, run: Arc<Running>, oom_before: u64) {
             }
         }
     }
+    let cgroup_id = run.cgroup.id().ok();
     let status = if run.child {
         let fd = run.pidfd.clone();
         tokio::task::spawn_blocking(move || pidfd::wait(fd.get_ref(), false))
@@ -554,6 +602,11 @@ async fn watch_exit(inner: Arc<Inner>, run: Arc<Running>, oom_before: u64) {
             .ok()
             .and_then(Result::ok)
             .flatten()
+    } else if let (Some(acc), Some(id)) = (&inner.accounting, cgroup_id) {
+        // Not our child, so no waitid: eBPF saw the exit and kept its status.
+        acc.exit_status(id, run.record.pid, Duration::from_millis(500))
+            .await
+            .map(pidfd::ExitStatus::from_wait_status)
     } else {
         None
     };
@@ -568,6 +621,9 @@ async fn watch_exit(inner: Arc<Inner>, run: Arc<Running>, oom_before: u64) {
     };
     // No process of the spore outlives its main process.
     let _ = tokio::task::spawn_blocking(move || cleanup_cgroup(&cg)).await;
+    if let (Some(acc), Some(id)) = (&inner.accounting, cgroup_id) {
+        acc.unwatch(id);
+    }
     let rec = &run.record;
     let _ = InstanceRecord::remove(&inner.cfg.state_dir, &rec.app, &rec.instance);
     inner

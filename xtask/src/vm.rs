@@ -312,7 +312,7 @@ fn build_init() -> Result<PathBuf> {
 
 /// Root-only test targets that run on the host (hybrid cgroups here) and again in the VM
 /// (pure cgroup v2): the supervisor's behaviour must hold on both.
-const BOTH: [&str; 1] = ["supervise"];
+const BOTH: [&str; 2] = ["supervise", "accounting"];
 
 /// The `vm_*` integration-test executables of `packages`.
 fn build_tests(packages: &[&str]) -> Result<Vec<Artifact>> {

@@ -19,6 +19,13 @@ fn sleep_forever() -> ! {
     }
 }
 
+static TERM_CODE: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(1);
+
+extern "C" fn on_term(_: libc::c_int) {
+    // SAFETY: _exit is async-signal-safe.
+    unsafe { libc::_exit(TERM_CODE.load(std::sync::atomic::Ordering::SeqCst)) }
+}
+
 fn ignore_term() {
     // SAFETY: setting a signal disposition to SIG_IGN has no preconditions.
     unsafe { libc::signal(libc::SIGTERM, libc::SIG_IGN) };
@@ -124,8 +131,59 @@ fn main() {
                 x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
             }
         }
+        Some("burn") => {
+            // spin for MS milliseconds, then stay idle (a CPU total that holds still)
+            let ms: u64 = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
+            let end = std::time::Instant::now() + std::time::Duration::from_millis(ms);
+            let mut x: u64 = 1;
+            while std::time::Instant::now() < end {
+                for _ in 0..10_000 {
+                    x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+                }
+            }
+            let _ = writeln!(out, "burned");
+            let _ = out.flush();
+            sleep_forever()
+        }
+        Some("exit-after") => {
+            let ms: u64 = args.get(1).and_then(|m| m.parse().ok()).unwrap_or(1000);
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+            std::process::exit(args.get(2).and_then(|c| c.parse().ok()).unwrap_or(1))
+        }
+        Some("exit-on-term") => {
+            // exit with code N when SIGTERM arrives
+            let code: i32 = args.get(1).and_then(|c| c.parse().ok()).unwrap_or(1);
+            TERM_CODE.store(code, std::sync::atomic::Ordering::SeqCst);
+            // SAFETY: installing a handler that only calls the async-signal-safe _exit.
+            unsafe { libc::signal(libc::SIGTERM, on_term as *const () as libc::sighandler_t) };
+            let _ = writeln!(out, "waiting for SIGTERM");
+            let _ = out.flush();
+            sleep_forever()
+        }
+        Some("fetch") => {
+            // read everything a TCP server sends, then stay idle
+            use std::io::Read;
+            let addr = args.get(1).map(String::as_str).unwrap_or("127.0.0.1:1");
+            let n = std::net::TcpStream::connect(addr)
+                .and_then(|mut s| {
+                    let mut buf = vec![0u8; 65536];
+                    let mut total = 0usize;
+                    loop {
+                        match s.read(&mut buf)? {
+                            0 => return Ok(total),
+                            k => total += k,
+                        }
+                    }
+                })
+                .unwrap_or(0);
+            let _ = writeln!(out, "fetched {n}");
+            let _ = out.flush();
+            sleep_forever()
+        }
         _ => {
-            eprintln!("usage: spore-probe report|exit N|sleep|stubborn|alloc MB|forkbomb|spin");
+            eprintln!(
+                "usage: spore-probe report|exit N|sleep|stubborn|alloc MB|forkbomb|spin|burn MS|exit-after MS N|fetch ADDR"
+            );
             std::process::exit(64)
         }
     }

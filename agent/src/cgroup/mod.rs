@@ -326,6 +326,11 @@ impl CgroupTree {
         Ok(cg)
     }
 
+    /// `spores`: the parent of every app's cgroup.
+    pub fn spores(&self) -> CgroupRoot {
+        self.base.child("spores")
+    }
+
     /// `spores/<app>/<instance>` (the app's cgroup must exist).
     pub fn instance(&self, app: &str, instance: &str) -> CgroupRoot {
         self.base.child("spores").child(app).child(instance)
