@@ -17,6 +17,7 @@ pub mod cgroup;
 pub mod health;
 pub mod logs;
 pub mod machine;
+pub mod metrics;
 pub mod node;
 pub mod pidfd;
 pub mod procfs;

@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 
 use crate::cgroup::{CgroupRoot, Limits};
 use crate::machine::{Action, Input, Machine, MachineConfig, Phase};
+use crate::metrics::{AgentMetrics, InstanceView};
 use crate::spores::{PrepareError, SporeCache};
 use crate::supervisor::{ExitEvent, StartSpec, Supervisor, SupervisorConfig};
 
@@ -43,6 +44,10 @@ pub struct AgentConfig {
     /// Stop every instance when the agent stops (`mesh up`); otherwise they keep running.
     pub stop_on_exit: bool,
     pub users: crate::users::UserMap,
+    /// Prometheus /metrics and /v1/instances (None: not served).
+    pub metrics: Option<SocketAddr>,
+    /// Load the eBPF accounting programs (a refusal only logs a warning).
+    pub ebpf: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +180,7 @@ struct Agent {
     /// (app, slot, digest) that failed while an older version served: not retried until the
     /// plan changes (auto-revert).
     reverted: BTreeSet<(String, u32, Digest)>,
+    metrics: Arc<AgentMetrics>,
 }
 
 /// Runs the agent until `shutdown` resolves.
@@ -185,7 +191,24 @@ pub async fn run(
     let mut sup_cfg = SupervisorConfig::new(cfg.state_dir.clone(), cfg.cgroup_root.clone());
     sup_cfg.move_self = cfg.move_self;
     sup_cfg.users = cfg.users.clone();
+    sup_cfg.ebpf = cfg.ebpf;
     let (sup, mut exits) = Supervisor::new(sup_cfg)?;
+    let metrics = Arc::new(AgentMetrics::new(&cfg.node));
+    if let Some(addr) = cfg.metrics {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Io {
+                what: format!("metrics address {addr}"),
+                source,
+            })?;
+        let addr = listener.local_addr().unwrap_or(addr);
+        tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        tokio::spawn(crate::metrics::serve(
+            listener,
+            sup.clone(),
+            metrics.clone(),
+        ));
+    }
     let spores =
         SporeCache::open(&cfg.state_dir, cfg.trust.clone()).map_err(|source| AgentError::Io {
             what: "the spore cache".into(),
@@ -226,6 +249,7 @@ pub async fn run(
         assign_floor: 0,
         insts: BTreeMap::new(),
         reverted: BTreeSet::new(),
+        metrics,
     };
     agent.adopt().await;
     tracing::info!(node = %agent.cfg.node, mode = %agent.sup.mode(), "agent running");
@@ -683,6 +707,9 @@ impl Agent {
             return;
         };
         tracing::info!(instance = %ev.instance, reason = %ev.reason, stopped = ev.stopped, "instance exited");
+        if !ev.stopped {
+            self.metrics.exited(&ev.app, &ev.reason);
+        }
         inst.pid = 0;
         self.feed(&ev.instance, Input::Exited(ev.reason), Instant::now());
     }
@@ -1029,9 +1056,21 @@ impl Agent {
             if line != inst.reported {
                 inst.reported = line.clone();
                 let _ = self.commands.send(line);
+                self.metrics.set_instance(
+                    name,
+                    InstanceView {
+                        app: inst.app.clone(),
+                        state: inst.machine.state().to_string(),
+                        restarts: inst.machine.restarts,
+                        last: inst.machine.reason.to_string(),
+                        digest: inst.digest.to_string(),
+                        port: inst.port,
+                    },
+                );
             }
         }
         for name in gone {
+            self.metrics.remove_instance(&name);
             if let Some(inst) = self.insts.remove(&name) {
                 let _ = self
                     .commands

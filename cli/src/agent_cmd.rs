@@ -53,6 +53,16 @@ pub struct AgentCmd {
     /// Create users that spores ask for and that do not exist (useradd --system).
     #[arg(long)]
     create_users: bool,
+    /// Serve Prometheus /metrics and /v1/instances (for `mesh top`) here.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:9181")]
+    metrics: std::net::SocketAddr,
+    /// Do not serve metrics at all.
+    #[arg(long, conflicts_with = "metrics")]
+    no_metrics: bool,
+    /// Do not load the eBPF accounting programs (network bytes, run-queue latency and exit
+    /// codes of re-adopted spores are then not available).
+    #[arg(long)]
+    no_ebpf: bool,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16), String> {
@@ -141,6 +151,8 @@ pub fn build_config(cmd: &AgentCmd) -> Result<AgentConfig> {
         lease_ttl: Duration::from_millis(cmd.lease_ttl_ms.max(500)),
         stop_on_exit: cmd.stop_on_exit,
         users: user_map(&cmd.users, cmd.create_users)?,
+        metrics: (!cmd.no_metrics).then_some(cmd.metrics),
+        ebpf: !cmd.no_ebpf,
     })
 }
 

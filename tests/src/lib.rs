@@ -216,6 +216,7 @@ impl AgentProcess {
                 .args(["--cgroup-root", cgroup_root])
                 .args(["--user", "mesh-spore=65534:65534"])
                 .args(["--lease-ttl-ms", "1500"])
+                .args(["--metrics", "127.0.0.1:0"])
                 .args(extra)
                 .env("MESH_LOG", "info")
                 .env_remove("MESH_FABRIC")

@@ -360,6 +360,21 @@ fn started_lines(log: &str, instance: &str) -> usize {
 }
 
 /// Cleans up a cgroup root and checks that nothing of it is left in any hierarchy.
+/// GET `path` from the agent's metrics port (its address is in the agent's log).
+fn agent_metrics(agent: &AgentProcess, path: &str) -> String {
+    let log = agent.log_text();
+    let addr = log
+        .lines()
+        .rev()
+        .find_map(|l| l.split("metrics on http://").nth(1)?.split('/').next())
+        .unwrap_or_else(|| panic!("no metrics address in the agent log:\n{log}"))
+        .to_string();
+    let port: u16 = addr.rsplit(':').next().unwrap().parse().unwrap();
+    let (status, body) = mesh_tests::http_get(port, path).unwrap();
+    assert_eq!(status, 200, "{path}: {body}");
+    body
+}
+
 fn finish(guard: CgroupRootGuard) {
     let name = guard.name().to_string();
     guard.finish().unwrap();
@@ -844,6 +859,40 @@ fn a_restarted_agent_re_adopts_its_instances_and_can_still_stop_them() {
         let pid = answers(&ep, "1.0.0").unwrap();
         assert_eq!(Some(pid), before[&ep.instance]);
     }
+
+    // The restarted agent accounts the adopted instances: eBPF and cgroup numbers per instance.
+    let metrics = agent_metrics(&agent, "/metrics");
+    assert!(metrics.contains("mesh_agent_ebpf_loaded 1"), "{metrics}");
+    for name in before.keys() {
+        let l = format!("app=\"hello\",instance=\"{name}\"");
+        for series in [
+            format!("mesh_spore_cpu_seconds_total{{{l},source=\"ebpf\"}}"),
+            format!("mesh_spore_cpu_seconds_total{{{l},source=\"cgroup\"}}"),
+            format!("mesh_spore_memory_bytes{{{l}}}"),
+            format!("mesh_spore_restarts_total{{{l}}} 0"),
+            format!("mesh_spore_info{{{l},state=\"ready\""),
+        ] {
+            assert!(metrics.contains(&series), "no {series} in\n{metrics}");
+        }
+        let rx: u64 = metrics
+            .lines()
+            .find_map(|x| {
+                x.strip_prefix(&format!(
+                    "mesh_spore_network_bytes_total{{{l},direction=\"rx\"}} "
+                ))?
+                .parse()
+                .ok()
+            })
+            .unwrap_or(0);
+        assert!(
+            rx > 0,
+            "no received bytes counted for {name} after a request"
+        );
+    }
+    let sample: serde_json::Value =
+        serde_json::from_str(&agent_metrics(&agent, "/v1/instances")).unwrap();
+    assert_eq!(sample["instances"].as_array().unwrap().len(), 2);
+    assert_eq!(sample["ebpf"], true);
 
     // The adopted instances are still the agent's to stop.
     mesh.ok(&["undeploy", "hello"]);

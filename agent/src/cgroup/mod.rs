@@ -195,6 +195,45 @@ impl CgroupRoot {
             .unwrap_or(0)
     }
 
+    /// What the cgroup files say about this cgroup now: v2's cpu.stat (present without
+    /// controllers too), memory and pids from v2 or, on hybrid hosts, from v1.
+    pub fn usage(&self) -> Usage {
+        let read = |p: PathBuf| std::fs::read_to_string(p).ok();
+        let num = |p: PathBuf| read(p).and_then(|t| t.trim().parse::<u64>().ok());
+        let keyed = |p: PathBuf, key: &str| {
+            read(p).and_then(|t| {
+                t.lines()
+                    .find_map(|l| l.strip_prefix(key)?.trim().parse::<u64>().ok())
+            })
+        };
+        let cpu_usec = keyed(self.v2.join("cpu.stat"), "usage_usec ");
+        let (memory, memory_peak, pids) = match self.mode {
+            Mode::Unified => (
+                num(self.v2.join("memory.current")),
+                num(self.v2.join("memory.peak")),
+                num(self.v2.join("pids.current")),
+            ),
+            Mode::Hybrid => (
+                self.v1
+                    .get("memory")
+                    .and_then(|d| num(d.join("memory.usage_in_bytes"))),
+                self.v1
+                    .get("memory")
+                    .and_then(|d| num(d.join("memory.max_usage_in_bytes"))),
+                self.v1
+                    .get("pids")
+                    .and_then(|d| num(d.join("pids.current"))),
+            ),
+        };
+        Usage {
+            cpu_usec,
+            memory,
+            memory_peak,
+            pids,
+            oom_kills: self.oom_kills(),
+        }
+    }
+
     /// How often the CPU limit throttled this cgroup (cpu.stat nr_throttled).
     pub fn cpu_throttled(&self) -> u64 {
         let dir = match self.mode {
@@ -264,6 +303,16 @@ impl CgroupRoot {
         }
         Ok(())
     }
+}
+
+/// A cgroup's resource use from its files (None: the file is not there in this mode).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Usage {
+    pub cpu_usec: Option<u64>,
+    pub memory: Option<u64>,
+    pub memory_peak: Option<u64>,
+    pub pids: Option<u64>,
+    pub oom_kills: u64,
 }
 
 /// The agent's tree under a root.
