@@ -185,7 +185,7 @@ struct Agent {
 
 /// Runs the agent until `shutdown` resolves.
 pub async fn run(
-    cfg: AgentConfig,
+    mut cfg: AgentConfig,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     let mut sup_cfg = SupervisorConfig::new(cfg.state_dir.clone(), cfg.cgroup_root.clone());
@@ -203,6 +203,12 @@ pub async fn run(
             })?;
         let addr = listener.local_addr().unwrap_or(addr);
         tracing::info!(%addr, "metrics on http://{addr}/metrics");
+        // what the node registers: where others reach it (0.0.0.0 means the advertised IP)
+        cfg.metrics = Some(if addr.ip().is_unspecified() {
+            SocketAddr::new(cfg.advertise_ip, addr.port())
+        } else {
+            addr
+        });
         tokio::spawn(crate::metrics::serve(
             listener,
             sup.clone(),
@@ -437,10 +443,13 @@ async fn register_node(c: &mut Client, cfg: &AgentConfig, id: u64) -> Result<(),
         .map(|n| n.get())
         .unwrap_or(1);
     let mem = memory_mb();
-    let line = format!(
+    let mut line = format!(
         "NODE.REG node={} cpus={cpus} memory_mb={mem} max_instances={} lease={id}",
         cfg.node, cfg.max_instances
     );
+    if let Some(m) = cfg.metrics {
+        line.push_str(&format!(" metrics={m}"));
+    }
     c.call(&line).await?;
     Ok(())
 }

@@ -156,6 +156,9 @@ pub struct Node {
     pub max_instances: u32,
     pub lease: u64,
     pub rev: u64,
+    /// Where the node's agent serves /metrics and /v1/instances (`mesh top` reads it).
+    #[serde(default)]
+    pub metrics: Option<SocketAddr>,
 }
 
 impl Node {
@@ -167,6 +170,7 @@ impl Node {
             .add("memory_mb", self.memory_mb)
             .add("max_instances", self.max_instances)
             .add("lease", self.lease)
+            .add_opt("metrics", self.metrics)
     }
 
     pub fn from_fields(s: &str) -> Result<Self, String> {
@@ -178,6 +182,13 @@ impl Node {
             max_instances: num(&f, "max_instances")?,
             lease: num(&f, "lease")?,
             rev: num(&f, "rev")?,
+            metrics: match field(&f, "metrics") {
+                Some(m) => Some(
+                    m.parse()
+                        .map_err(|_| "metrics= is not host:port".to_string())?,
+                ),
+                None => None,
+            },
         })
     }
 }
@@ -354,6 +365,7 @@ mod tests {
             max_instances: 100,
             lease: 1,
             rev: 2,
+            metrics: None,
         };
         assert_eq!(Node::from_fields(n.to_fields().as_str()).unwrap(), n);
     }

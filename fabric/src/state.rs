@@ -1196,6 +1196,7 @@ mod tests {
             max_instances: 10,
             lease: 1,
             rev: 0,
+            metrics: None,
         };
         h.apply_at(Mutation::PutNode(node), t0).unwrap();
         // Renewed at 400 ms, so still alive at 800 ms, gone at 901 ms.
@@ -1285,6 +1286,7 @@ mod tests {
             max_instances: max,
             lease,
             rev: 0,
+            metrics: None,
         };
         h.apply_at(Mutation::PutNode(node("n1", 1, 10)), t0)
             .unwrap();
@@ -1333,6 +1335,7 @@ mod tests {
             max_instances: max,
             lease: 1,
             rev: 0,
+            metrics: None,
         };
         h.apply_at(Mutation::PutNode(node("small", 1)), t0).unwrap();
         h.apply_at(Mutation::PutPlan(plan("a", 3, 3)), t0).unwrap();

@@ -7,7 +7,7 @@ use super::{Reply, items, name, ok};
 use crate::connection::Session;
 use crate::state::Mutation;
 
-/// `NODE.REG node= cpus= memory_mb= max_instances= lease=`
+/// `NODE.REG node= cpus= memory_mb= max_instances= lease= [metrics=]`
 pub struct NodeReg(Node);
 
 impl NodeReg {
@@ -20,6 +20,12 @@ impl NodeReg {
         let memory_mb = need(a.number("memory_mb", 1..=1 << 40)?, "memory_mb")?;
         let max_instances = need(a.number("max_instances", 0..=1_000_000)?, "max_instances")?;
         let lease = need(a.number("lease", 1..=u64::MAX)?, "lease")?;
+        let metrics = match a.get("metrics") {
+            Some(m) => Some(m.parse().map_err(|_| {
+                ProtoError::bad_args(format!("metrics={m} is not an ip:port address"))
+            })?),
+            None => None,
+        };
         Ok(NodeReg(Node {
             id,
             cpus: cpus as u32,
@@ -27,6 +33,7 @@ impl NodeReg {
             max_instances: max_instances as u32,
             lease,
             rev: 0,
+            metrics,
         }))
     }
 
