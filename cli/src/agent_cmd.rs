@@ -79,7 +79,10 @@ fn parse_range(s: &str) -> Result<(u16, u16), String> {
     Ok((a, b))
 }
 
-fn user_map(specs: &[String], create_missing: bool) -> Result<mesh_agent::users::UserMap> {
+pub(crate) fn user_map(
+    specs: &[String],
+    create_missing: bool,
+) -> Result<mesh_agent::users::UserMap> {
     let mut map = mesh_agent::users::UserMap {
         create_missing,
         ..Default::default()
@@ -95,7 +98,7 @@ fn user_map(specs: &[String], create_missing: bool) -> Result<mesh_agent::users:
     Ok(map)
 }
 
-fn hostname() -> String {
+pub(crate) fn hostname() -> String {
     let h = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "node".into());
     let h: String = h
         .trim()

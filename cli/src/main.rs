@@ -4,6 +4,7 @@
 //! turns errors into one readable line and an exit code.
 
 mod agent_cmd;
+mod daemon_config;
 mod deploy;
 mod edge_cmd;
 mod fabric_client;
@@ -12,10 +13,11 @@ mod key;
 mod logs_cmd;
 mod output;
 mod spore;
+mod up;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 /// Run signed native binaries ("spores") on bare-metal Linux, supervised, budgeted and
 /// accounted, behind an HTTP edge.
@@ -38,6 +40,8 @@ enum Command {
     /// Pack, inspect, verify, extract, push and pull signed spores.
     #[command(subcommand)]
     Spore(spore::SporeCommand),
+    /// The whole mesh on this machine: fabric, agent and edge, with the example deployed.
+    Up(Box<up::UpCmd>),
     /// Run the control fabric (registry, budgets, pub/sub, blob service).
     Fabric(fabric_cmd::FabricCmd),
     /// Run the node agent: follow the fabric's plans and supervise this node's spores (root).
@@ -81,10 +85,19 @@ pub fn init_logging() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // `mesh fabric|agent|edge --config FILE`: the file's settings become flags
+    let args = match daemon_config::expand(std::env::args_os().collect(), &Cli::command()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("mesh: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let cli = Cli::parse_from(args);
     let result = match cli.command {
         Command::Key(cmd) => key::run(cmd),
         Command::Spore(cmd) => spore::run(cmd),
+        Command::Up(cmd) => up::run(*cmd),
         Command::Fabric(cmd) => fabric_cmd::run_fabric(cmd),
         Command::Agent(cmd) => agent_cmd::run(*cmd),
         Command::Edge(cmd) => edge_cmd::run(*cmd),
