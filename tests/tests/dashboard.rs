@@ -27,6 +27,9 @@ fn every_dashboard_metric_is_exported() {
     for n in &names {
         // histograms are exported as NAME_bucket/_sum/_count from a family NAME
         let family = n.trim_end_matches("_bucket");
-        assert!(sources.contains(family), "the dashboard uses {n}, which nothing exports");
+        assert!(
+            sources.contains(family),
+            "the dashboard uses {n}, which nothing exports"
+        );
     }
 }
