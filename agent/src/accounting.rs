@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use aya::maps::{MapData, PerCpuHashMap, PerCpuValues, RingBuf};
 use aya::programs::{BtfTracePoint, CgroupAttachMode, CgroupSkb, CgroupSkbAttachType};
 use aya::util::nr_cpus;
-use aya::{Btf, Ebpf, Pod};
+use aya::{Btf, Ebpf, EbpfLoader, Pod};
 use mesh_ebpf::{CgroupStats, EVENT_EXIT, Event};
 use tokio::io::unix::AsyncFd;
 
@@ -89,7 +89,12 @@ impl Accounting {
         let btf = Btf::from_sys_fs().map_err(|e| {
             AccountingError::Load(format!("no kernel BTF at /sys/kernel/btf/vmlinux ({e})"))
         })?;
-        let mut ebpf = Ebpf::load(mesh_ebpf::OBJECT).map_err(|e| load_err(&e))?;
+        // task-local storage (the run-queue timestamps) has no typed wrapper in aya; the
+        // kernel creates it like any other map
+        let mut ebpf = EbpfLoader::new()
+            .allow_unsupported_maps()
+            .load(mesh_ebpf::OBJECT)
+            .map_err(|e| load_err(&e))?;
         let mut programs = Vec::new();
         for (name, tp) in TRACEPOINTS {
             let prog: &mut BtfTracePoint = ebpf

@@ -6,7 +6,7 @@
  *
  *   sched_switch        on-CPU time of the task leaving the CPU; run-queue latency of the one
  *                       arriving (wakeup or preemption -> switch-in)
- *   sched_wakeup(_new)  when a watched task became runnable
+ *   sched_wakeup(_new)  when a watched task became runnable (task-local storage)
  *   sched_process_exec  exec events;  sched_process_exit  exit events with the exit status
  *   cgroup_skb          bytes and packets in and out (attached once, at the spores' parent)
  */
@@ -39,12 +39,17 @@ struct {
 	__type(value, struct cpu_state);
 } cpu_state SEC(".maps");
 
-/* pid -> when it became runnable (watched tasks only) */
+/* Per watched task: when it became runnable (0: not queued). Task-local storage, not a hash
+ * keyed by pid: no lock, no allocation on the hot path, freed with the task. */
+struct queued_at {
+	__u64 ts;
+};
+
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, MESH_MAX_QUEUED);
-	__type(key, __u32);
-	__type(value, __u64);
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct queued_at);
 } queued SEC(".maps");
 
 struct {
@@ -52,9 +57,11 @@ struct {
 	__uint(max_entries, 256 * 1024);
 } events SEC(".maps");
 
+/* tp_btf arguments are BTF-typed pointers: plain dereferences (CO-RE relocated, checked by
+ * the verifier) instead of bpf_probe_read_kernel calls, which cost a helper call per field. */
 static __always_inline __u64 task_cgroup_id(struct task_struct *t)
 {
-	return BPF_CORE_READ(t, cgroups, dfl_cgrp, kn, id);
+	return t->cgroups->dfl_cgrp->kn->id;
 }
 
 static __always_inline __u32 log2_slot(__u64 us)
@@ -86,9 +93,11 @@ int BPF_PROG(mesh_sched_switch, bool preempt, struct task_struct *prev, struct t
 		if (st) {
 			if (cs->since)
 				st->cpu_ns += now - cs->since;
-			if (BPF_CORE_READ(prev, __state) == 0) {
-				__u32 pid = BPF_CORE_READ(prev, pid);
-				bpf_map_update_elem(&queued, &pid, &now, BPF_ANY);
+			if (prev->__state == 0) {
+				struct queued_at *q = bpf_task_storage_get(&queued, prev, 0,
+									   BPF_LOCAL_STORAGE_GET_F_CREATE);
+				if (q)
+					q->ts = now;
 			}
 		}
 	}
@@ -100,11 +109,10 @@ int BPF_PROG(mesh_sched_switch, bool preempt, struct task_struct *prev, struct t
 	cs->cgroup_id = st ? cg : 0;
 	if (!st)
 		return 0;
-	__u32 pid = BPF_CORE_READ(next, pid);
-	__u64 *ts = bpf_map_lookup_elem(&queued, &pid);
-	if (ts) {
-		__u64 waited = now - *ts;
-		bpf_map_delete_elem(&queued, &pid);
+	struct queued_at *q = bpf_task_storage_get(&queued, next, 0, 0);
+	if (q && q->ts) {
+		__u64 waited = now - q->ts;
+		q->ts = 0;
 		__u32 slot = log2_slot(waited / 1000);
 		if (slot < MESH_RQ_SLOTS)
 			st->rq_hist[slot]++;
@@ -119,9 +127,9 @@ static __always_inline int on_wakeup(struct task_struct *p)
 	__u64 cg = task_cgroup_id(p);
 	if (!bpf_map_lookup_elem(&cgroup_stats, &cg))
 		return 0;
-	__u32 pid = BPF_CORE_READ(p, pid);
-	__u64 now = bpf_ktime_get_ns();
-	bpf_map_update_elem(&queued, &pid, &now, BPF_ANY);
+	struct queued_at *q = bpf_task_storage_get(&queued, p, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (q)
+		q->ts = bpf_ktime_get_ns();
 	return 0;
 }
 
