@@ -15,7 +15,8 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["fabric"] => crate::bench_fabric::run(),
         ["density"] => crate::bench_density::run(),
         ["agent"] => crate::bench_agent::run(),
-        other => bail!("unknown benchmark {other:?}; known: spore, fabric, density, agent"),
+        ["edge"] => crate::bench_edge::run(),
+        other => bail!("unknown benchmark {other:?}; known: spore, fabric, density, agent, edge"),
     }
 }
 

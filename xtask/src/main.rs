@@ -6,10 +6,12 @@
 //! - `cargo xtask bench spore`: pack/verify/extract cost and size overhead of the spore format.
 //! - `cargo xtask bench fabric`: fan-out latency to 1,000 subscribers, commands per second.
 //! - `cargo xtask bench density`: N supervised instances vs supervisord, s6, runit (root).
+//! - `cargo xtask bench edge`: `mesh edge` vs haproxy and nginx as reverse proxies, CPU per request.
 
 mod bench;
 mod bench_agent;
 mod bench_density;
+mod bench_edge;
 mod bench_fabric;
 mod vm;
 
@@ -26,6 +28,7 @@ commands:
   bench fabric   fan-out latency to 1,000 subscribers, commands/s on 1 and 64 connections
   bench agent    kill -9 until healed and registered, plan change until the new version serves (root)
   bench density  time and cost to bring up 100 to 5,000 instances vs supervisord, s6, runit (root)
+  bench edge     mesh edge vs haproxy and nginx on loopback: rps, p50/p99, proxy CPU per request
   vm-test [-p P] [-- ARGS]
                  the root-only agent tests (vm_*, supervise) in a qemu VM with pure cgroup v2
 ";
