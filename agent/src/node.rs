@@ -274,6 +274,10 @@ pub async fn run(
         tracing::info!("stopping every instance");
         agent.sup.stop_all(None).await;
         let _ = agent.sup.tree().prune(true);
+        // a root the agent made for itself (--cgroup-root) goes too; its own cgroup stays
+        if !agent.cfg.move_self {
+            let _ = agent.sup.tree().root().remove();
+        }
     }
     Ok(())
 }

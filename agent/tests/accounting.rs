@@ -116,6 +116,23 @@ impl Fixture {
     }
 
     fn finish(self) {
+        drop(self);
+    }
+}
+
+/// Also when a test fails half-way: whatever still runs in our cgroups is killed and the
+/// cgroups go.
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.root.v2.join("cgroup.kill"), "1");
+        for _ in 0..100 {
+            let populated = std::fs::read_to_string(self.root.v2.join("cgroup.events"))
+                .is_ok_and(|e| e.lines().any(|l| l == "populated 1"));
+            if !populated {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
         let _ = remove_tree(&self.root.v2);
         for d in self.root.v1.values() {
             let _ = remove_tree(d);

@@ -13,6 +13,7 @@ mod key;
 mod logs_cmd;
 mod output;
 mod spore;
+mod top;
 mod up;
 
 use std::process::ExitCode;
@@ -70,6 +71,8 @@ enum Command {
     Endpoints(deploy::EndpointsCmd),
     /// Show (and follow) the output of an app's instances on this node.
     Logs(logs_cmd::LogsCmd),
+    /// Live view of every spore on a node or the whole mesh: CPU, run-queue, memory, network.
+    Top(top::TopCmd),
 }
 
 /// Logs for daemons: to stderr, level from MESH_LOG (default info).
@@ -110,6 +113,7 @@ fn main() -> ExitCode {
         Command::Ps(cmd) => deploy::ps(cmd),
         Command::Endpoints(cmd) => deploy::endpoints(cmd),
         Command::Logs(cmd) => logs_cmd::run(cmd),
+        Command::Top(cmd) => top::run(cmd),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -251,7 +251,8 @@ async fn supervise_agent(
                 return;
             }
         };
-        let mut child = match tokio::process::Command::new(&exe)
+        let mut command = tokio::process::Command::new(&exe);
+        command
             .args(&args)
             .env(
                 "MESH_LOG",
@@ -261,8 +262,24 @@ async fn supervise_agent(
             .stdout(log)
             .stderr(err)
             .process_group(0)
-            .spawn()
-        {
+            .kill_on_drop(false);
+        // If `mesh up` itself dies (kill -9), the agent gets SIGTERM and, with
+        // --stop-on-exit, stops the spores and removes its cgroups: nothing is left behind.
+        // SAFETY: prctl in the forked child before exec is async-signal-safe.
+        let spawned = unsafe {
+            command.pre_exec(|| {
+                libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGTERM as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                );
+                Ok(())
+            })
+        }
+        .spawn();
+        let mut child = match spawned {
             Ok(c) => c,
             Err(e) => {
                 eprintln!("mesh up: cannot start the agent: {e}");
