@@ -93,12 +93,14 @@ pub fn run(cmd: TopCmd) -> Result<()> {
     let source = if cmd.agents.is_empty() {
         Source::Fabric(Box::new(cmd.fabric.clone()))
     } else {
-        Source::Fixed(
-            cmd.agents
-                .iter()
-                .map(|a| normalize_addr(a))
-                .collect::<Result<Vec<_>>>()?,
-        )
+        let mut addrs: Vec<String> = Vec::new();
+        for a in &cmd.agents {
+            let a = normalize_addr(a)?;
+            if !addrs.contains(&a) {
+                addrs.push(a);
+            }
+        }
+        Source::Fixed(addrs)
     };
     let opts = Options {
         app: cmd.app.clone(),
@@ -942,6 +944,40 @@ const COLUMNS: [(&str, bool, Option<SortKey>, usize); 12] = [
     ("LAST EXIT", false, None, 40),
 ];
 
+/// The LAST EXIT column may shrink to this many characters.
+const LAST_MIN: usize = 9;
+/// Columns the view drops first when the terminal is too narrow (INSTANCE, CPU% and MEM stay).
+const DROP_ORDER: [usize; 9] = [11, 4, 10, 9, 3, 0, 6, 8, 1];
+
+/// Which columns fit in `width` characters, and the space between them: all columns two
+/// apart when they fit, else one apart, dropping columns in DROP_ORDER until they fit.
+fn fit_columns(lengths: &[usize], width: usize) -> (Vec<usize>, u16) {
+    let last = lengths.len().saturating_sub(1);
+    let need = |vis: &[usize], spacing: usize| {
+        vis.iter()
+            .map(|&k| {
+                if k == last {
+                    lengths[k].min(LAST_MIN)
+                } else {
+                    lengths[k]
+                }
+            })
+            .sum::<usize>()
+            + spacing * vis.len().saturating_sub(1)
+    };
+    let mut visible: Vec<usize> = (0..lengths.len()).collect();
+    if need(&visible, 2) <= width {
+        return (visible, 2);
+    }
+    for drop in DROP_ORDER {
+        if need(&visible, 1) <= width {
+            break;
+        }
+        visible.retain(|&k| k != drop);
+    }
+    (visible, 1)
+}
+
 fn cells(r: &SporeRow) -> [String; 12] {
     let s = &r.inst.s;
     [
@@ -1060,6 +1096,14 @@ fn program_cells(p: &ProgRow) -> Vec<String> {
     ]
 }
 
+fn empty_message(app: Option<&str>) -> &'static str {
+    if app.is_some() {
+        "(no instances of this app on the reachable agents)"
+    } else {
+        "(no spores on the reachable agents)"
+    }
+}
+
 /// The `--once` text: header, problems, the table and (with --costs) the programs.
 fn render_text(snap: &Snapshot, opts: &Options) -> String {
     let mut out = vec![header_line(
@@ -1074,6 +1118,9 @@ fn render_text(snap: &Snapshot, opts: &Options) -> String {
     let rows: Vec<Vec<String>> = snap.rows.iter().map(|r| cells(r).to_vec()).collect();
     let right: Vec<bool> = COLUMNS.iter().map(|c| c.1).collect();
     out.extend(text_table(&column_titles(opts.sort), &rows, &right));
+    if rows.is_empty() {
+        out.push(empty_message(opts.app.as_deref()).to_string());
+    }
     if opts.costs {
         out.push(String::new());
         if snap.programs.is_empty() {
@@ -1204,6 +1251,22 @@ fn restore_terminal() {
     }
 }
 
+/// Set by SIGTERM or SIGHUP: the view ends as if q was pressed, so the terminal is restored.
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn stop_on_signals() {
+    for sig in [libc::SIGTERM, libc::SIGHUP] {
+        // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+        unsafe {
+            libc::signal(sig, on_stop_signal as *const () as libc::sighandler_t);
+        }
+    }
+}
+
 /// Raw mode and the alternate screen while alive; the terminal is restored when dropped,
 /// on errors, and on panics (before the panic message prints).
 struct TerminalGuard;
@@ -1222,6 +1285,7 @@ impl TerminalGuard {
         execute!(
             std::io::stdout(),
             terminal::EnterAlternateScreen,
+            terminal::Clear(terminal::ClearType::All),
             cursor::Hide
         )
         .context("cannot switch to the alternate screen")?;
@@ -1395,6 +1459,13 @@ impl App<'_> {
             top.truncate(max_top - 1);
             top.push(Line::from(format!("… and {hidden} more lines")));
         }
+        // long problem lines wrap (up to a third of the screen)
+        let screen_lines = |l: &Line| l.width().max(1).div_ceil(usize::from(area.width.max(1)));
+        let top_lines = top
+            .iter()
+            .map(screen_lines)
+            .sum::<usize>()
+            .min(max_top.max(top.len()));
         let prog_height = if self.opts.costs {
             let n = snap.programs.len().max(1);
             // a blank line, the title, the column titles, the rows
@@ -1404,7 +1475,7 @@ impl App<'_> {
         } else {
             0
         };
-        let top_height = u16::try_from(top.len()).unwrap_or(u16::MAX);
+        let top_height = u16::try_from(top_lines).unwrap_or(u16::MAX);
         let [top_area, table_area, prog_area, help_area] = Layout::vertical([
             Constraint::Length(top_height),
             Constraint::Min(3),
@@ -1412,7 +1483,10 @@ impl App<'_> {
             Constraint::Length(1),
         ])
         .areas(area);
-        f.render_widget(Paragraph::new(top), top_area);
+        f.render_widget(
+            Paragraph::new(top).wrap(ratatui::widgets::Wrap { trim: false }),
+            top_area,
+        );
 
         // the spore table
         let data: Vec<[String; 12]> = snap.rows.iter().map(cells).collect();
@@ -1429,26 +1503,20 @@ impl App<'_> {
                     .min(*max)
             })
             .collect();
-        // two spaces between columns when the terminal is wide enough
-        let spacing: u16 =
-            if lengths.iter().sum::<usize>() + 2 * (COLUMNS.len() - 1) <= usize::from(area.width) {
-                2
-            } else {
-                1
-            };
-        let widths: Vec<Constraint> = lengths
+        let (visible, spacing) = fit_columns(&lengths, usize::from(area.width));
+        let widths: Vec<Constraint> = visible
             .iter()
-            .enumerate()
-            .map(|(k, &w)| {
+            .map(|&k| {
+                let w = u16::try_from(lengths[k]).unwrap_or(u16::MAX);
                 if k + 1 == COLUMNS.len() {
-                    Constraint::Min(u16::try_from(w).unwrap_or(9).min(9))
+                    Constraint::Min(w.min(LAST_MIN as u16))
                 } else {
-                    Constraint::Length(u16::try_from(w).unwrap_or(8))
+                    Constraint::Length(w)
                 }
             })
             .collect();
-        let header = Row::new(titles.iter().enumerate().map(|(k, t)| {
-            let line = Line::from(t.clone());
+        let header = Row::new(visible.iter().map(|&k| {
+            let line = Line::from(titles[k].clone());
             Cell::from(if COLUMNS[k].1 {
                 line.right_aligned()
             } else {
@@ -1461,7 +1529,7 @@ impl App<'_> {
                 .add_modifier(Modifier::REVERSED),
         );
         let rows: Vec<Row> = data
-            .into_iter()
+            .iter()
             .map(|r| {
                 let state_style = match r[3].as_str() {
                     "ready" | "running" => Style::default().fg(Color::Green),
@@ -1470,8 +1538,8 @@ impl App<'_> {
                     "draining" | "stopping" => Style::default().fg(Color::Magenta),
                     _ => Style::default(),
                 };
-                Row::new(r.into_iter().enumerate().map(|(k, c)| {
-                    let line = Line::from(c);
+                Row::new(visible.iter().map(|&k| {
+                    let line = Line::from(r[k].clone());
                     let line = if COLUMNS[k].1 {
                         line.right_aligned()
                     } else {
@@ -1495,11 +1563,7 @@ impl App<'_> {
         f.render_stateful_widget(table, table_area, &mut self.table);
         self.page = usize::from(table_area.height.saturating_sub(1));
         if empty && table_area.height > 1 {
-            let msg = if self.opts.app.is_some() {
-                "no instances of this app on the reachable agents"
-            } else {
-                "no spores on the reachable agents"
-            };
+            let msg = empty_message(self.opts.app.as_deref());
             let mut a = table_area;
             a.y += 1;
             a.height = 1;
@@ -1556,8 +1620,8 @@ impl App<'_> {
             }
         }
 
-        let help = "sort: c CPU  m MEM  r RX  t TX  p RQ-p99  n name  s restarts (again: reverse)   \
-                    ↑↓ PgUp PgDn Home End select   q quit";
+        let help = "sort: c CPU  m MEM  r RX  t TX  p RQ  n name  s restarts (again: reverse)  \
+                    ↑↓ select  q quit";
         f.render_widget(
             Paragraph::new(Span::styled(help, Style::default().fg(Color::DarkGray))),
             help_area,
@@ -1579,10 +1643,10 @@ fn run_tui(source: Source, opts: &Options) -> Result<()> {
         .spawn(move || sampler(source, costs, interval, tx))
         .context("starting the sampling thread")?;
 
+    stop_on_signals();
     let _guard = TerminalGuard::enter()?;
     let mut term = Terminal::new(CrosstermBackend::new(std::io::stdout()))
         .context("setting up the terminal view")?;
-    term.clear().context("clearing the terminal")?;
     let mut app = App {
         opts,
         sort: opts.sort,
@@ -1594,7 +1658,7 @@ fn run_tui(source: Source, opts: &Options) -> Result<()> {
         page: 10,
     };
     let mut dirty = true;
-    loop {
+    while !STOP.load(Ordering::SeqCst) {
         loop {
             match rx.try_recv() {
                 Ok(round) => {
@@ -1611,7 +1675,12 @@ fn run_tui(source: Source, opts: &Options) -> Result<()> {
             term.draw(|f| app.draw(f)).context("drawing the view")?;
             dirty = false;
         }
-        if event::poll(Duration::from_millis(50)).context("reading the keyboard")? {
+        let ready = match event::poll(Duration::from_millis(50)) {
+            Ok(r) => r,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e).context("reading the keyboard"),
+        };
+        if ready {
             match event::read().context("reading the keyboard")? {
                 Event::Key(k) if k.kind == KeyEventKind::Press => {
                     if let Step::Quit = app.on_key(k.code, k.modifiers) {
@@ -1624,6 +1693,7 @@ fn run_tui(source: Source, opts: &Options) -> Result<()> {
             }
         }
     }
+    Ok(())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1838,6 +1908,20 @@ mod tests {
         assert!(!cpu.ascending());
         assert_eq!(SortKey::from_key('p'), Some(SortKey::Rq));
         assert_eq!(SortKey::from_key('q'), None, "q quits");
+    }
+
+    #[test]
+    fn narrow_terminals_drop_columns() {
+        let lengths = [4, 5, 11, 9, 4, 5, 7, 8, 11, 11, 8, 30];
+        let all: Vec<usize> = (0..12).collect();
+        let wide: usize = 4 + 5 + 11 + 9 + 4 + 5 + 7 + 8 + 11 + 11 + 8 + 9;
+        assert_eq!(fit_columns(&lengths, wide + 22), (all.clone(), 2));
+        assert_eq!(fit_columns(&lengths, wide + 11), (all, 1));
+        let (vis, sp) = fit_columns(&lengths, wide + 10);
+        assert_eq!((vis.len(), sp), (11, 1));
+        assert!(!vis.contains(&11), "LAST EXIT goes first");
+        let (vis, _) = fit_columns(&lengths, 10);
+        assert_eq!(vis, [2, 5, 7], "INSTANCE, CPU% and MEM stay");
     }
 
     #[test]
