@@ -236,6 +236,8 @@ pub(crate) struct Worker {
     ready: Vec<(usize, u32)>,
     max_clients: usize,
     stopping_since: Option<u64>,
+    /// Worker milliseconds, read once per batch of completions (deadlines need no more).
+    now: u64,
 }
 
 impl Worker {
@@ -266,6 +268,7 @@ impl Worker {
             ready: Vec::new(),
             max_clients,
             stopping_since: None,
+            now: 0,
         })
     }
 
@@ -278,6 +281,7 @@ impl Worker {
         let mut batch = Vec::with_capacity(512);
         loop {
             self.ring.wait(&mut batch)?;
+            self.now = now_ms(self.epoch);
             for c in batch.drain(..) {
                 self.dispatch(c);
             }
@@ -372,7 +376,7 @@ impl Worker {
         let peer = sys::peer_addr(fd)
             .map(|a| a.ip())
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
-        let now = now_ms(self.epoch);
+        let now = self.now;
         let (ci, g) = self.clients.insert(Client {
             fd,
             peer,
@@ -438,7 +442,7 @@ impl Worker {
             cl.ops -= 1;
             cl.recv = RecvState::Off;
         }
-        let now = now_ms(self.epoch);
+        let now = self.now;
         match c.result {
             n if n > 0 => {
                 cl.idle_deadline = now + self.cfg.client_idle_ms;
@@ -473,7 +477,7 @@ impl Worker {
             return;
         }
         cl.out.sent(c.result as usize);
-        cl.idle_deadline = now_ms(self.epoch) + self.cfg.client_idle_ms;
+        cl.idle_deadline = self.now + self.cfg.client_idle_ms;
         if !cl.closing
             && cl
                 .out
@@ -530,7 +534,7 @@ impl Worker {
     /// Look at the client's buffered bytes: start the next request, or feed the body of
     /// the current one to its upstream.
     fn drive_client(&mut self, ci: usize, g: u32) {
-        let now = now_ms(self.epoch);
+        let now = self.now;
         let Some(cl) = self.clients.get(ci, g) else {
             return;
         };
@@ -625,7 +629,7 @@ impl Worker {
         if head.expect_continue && has_body {
             cl.out.queued.extend_from_slice(http::CONTINUE_100);
         }
-        let now = now_ms(self.epoch);
+        let now = self.now;
         cl.ex = Some(Exchange {
             app: app.clone(),
             started: Instant::now(),
@@ -662,7 +666,7 @@ impl Worker {
     /// Send `bytes` (a request head, maybe a whole request) to `ep` on a pooled or new
     /// connection.
     fn attach_upstream(&mut self, ci: usize, g: u32, ep: Arc<Endpoint>, bytes: Vec<u8>) {
-        let now = now_ms(self.epoch);
+        let now = self.now;
         let mut reuse = None;
         if let Some(idle) = self.pool.get_mut(&ep.addr) {
             while let Some((ui, ug)) = idle.pop() {
@@ -779,7 +783,7 @@ impl Worker {
         };
         u.out.queued.extend_from_slice(&cl.inbuf[..n]);
         cl.inbuf.drain(..n);
-        ex.deadline = now_ms(self.epoch) + self.cfg.upstream_timeout_ms;
+        ex.deadline = self.now + self.cfg.upstream_timeout_ms;
         self.metrics
             .edge
             .body_bytes_copied
@@ -828,7 +832,7 @@ impl Worker {
     }
 
     fn finish_exchange(&mut self, ci: usize, g: u32) {
-        let now = now_ms(self.epoch);
+        let now = self.now;
         let Some(cl) = self.clients.get(ci, g) else {
             return;
         };
@@ -916,7 +920,7 @@ impl Worker {
             .edge
             .body_bytes_spliced
             .fetch_add(moved, Ordering::Relaxed);
-        let now = now_ms(self.epoch);
+        let now = self.now;
         if moved > 0 {
             ex.deadline = now + self.cfg.upstream_timeout_ms;
             cl.idle_deadline = now + self.cfg.client_idle_ms;
@@ -1096,7 +1100,7 @@ impl Worker {
 
     /// Bytes arrived from the upstream of an exchange.
     fn on_response_bytes(&mut self, ui: usize, ug: u32) {
-        let now = now_ms(self.epoch);
+        let now = self.now;
         let Some(u) = self.ups.get(ui, ug) else {
             return;
         };
@@ -1342,7 +1346,7 @@ impl Worker {
 
     /// Back to the pool if `reusable`, else closed.
     fn release_up(&mut self, ui: usize, ug: u32, reusable: bool) {
-        let now = now_ms(self.epoch);
+        let now = self.now;
         let Some(u) = self.ups.get(ui, ug) else {
             return;
         };
@@ -1395,7 +1399,7 @@ impl Worker {
     // ---- time ----------------------------------------------------------------------------
 
     fn tick(&mut self) {
-        let now = now_ms(self.epoch);
+        let now = self.now;
         if self.shutdown.requested() && self.stopping_since.is_none() {
             self.stopping_since = Some(now);
             // the multishot accepts hold the listeners open until cancelled
