@@ -4,6 +4,7 @@
 //! turns errors into one readable line and an exit code.
 
 mod agent_cmd;
+mod bench_cmd;
 mod daemon_config;
 mod deploy;
 mod edge_cmd;
@@ -43,6 +44,8 @@ enum Command {
     Spore(spore::SporeCommand),
     /// The whole mesh on this machine: fabric, agent and edge, with the example deployed.
     Up(Box<up::UpCmd>),
+    /// One report of every benchmark with the peers side by side (--run runs them first).
+    Bench(bench_cmd::BenchCmd),
     /// Run the control fabric (registry, budgets, pub/sub, blob service).
     Fabric(fabric_cmd::FabricCmd),
     /// Run the node agent: follow the fabric's plans and supervise this node's spores (root).
@@ -101,6 +104,7 @@ fn main() -> ExitCode {
         Command::Key(cmd) => key::run(cmd),
         Command::Spore(cmd) => spore::run(cmd),
         Command::Up(cmd) => up::run(*cmd),
+        Command::Bench(cmd) => bench_cmd::run(cmd),
         Command::Fabric(cmd) => fabric_cmd::run_fabric(cmd),
         Command::Agent(cmd) => agent_cmd::run(*cmd),
         Command::Edge(cmd) => edge_cmd::run(*cmd),

@@ -16,8 +16,56 @@ pub fn run(args: &[&str]) -> Result<()> {
         ["density"] => crate::bench_density::run(),
         ["agent"] => crate::bench_agent::run(),
         ["edge"] => crate::bench_edge::run(),
-        other => bail!("unknown benchmark {other:?}; known: spore, fabric, density, agent, edge"),
+        ["ebpf"] => crate::bench_ebpf::run(),
+        ["all"] => all(),
+        other => bail!(
+            "unknown benchmark {other:?}; known: spore, fabric, density, agent, edge, ebpf, all"
+        ),
     }
+}
+
+type Bench = fn() -> Result<()>;
+
+/// The wave's benchmarks one after the other (a failure is reported, the others still run),
+/// then `mesh bench` groups their reports into target/bench/report.md.
+fn all() -> Result<()> {
+    let benches: [(&str, Bench); 6] = [
+        ("spore", spore),
+        ("density", crate::bench_density::run),
+        ("fabric", crate::bench_fabric::run),
+        ("agent", crate::bench_agent::run),
+        ("edge", crate::bench_edge::run),
+        ("ebpf", crate::bench_ebpf::run),
+    ];
+    let mut failed = Vec::new();
+    for (name, run) in benches {
+        eprintln!("xtask: bench {name}");
+        // a stale report must not pass for this run's
+        let _ = fs::remove_file(
+            workspace_root()
+                .join("target/bench")
+                .join(name)
+                .join("report.md"),
+        );
+        if let Err(e) = run() {
+            eprintln!("xtask: bench {name} failed: {e:#}");
+            failed.push(name);
+        }
+    }
+    cargo(&["build", "--release", "--locked", "-p", "mesh"])?;
+    let mesh = workspace_root().join("target/release/mesh");
+    let status = Command::new(&mesh)
+        .args(["bench", "--dir"])
+        .arg(workspace_root().join("target/bench"))
+        .status()
+        .context("running mesh bench")?;
+    if !status.success() {
+        bail!("mesh bench failed ({status})");
+    }
+    if !failed.is_empty() {
+        bail!("benchmarks failed: {}", failed.join(", "));
+    }
+    Ok(())
 }
 
 /// Runs `cargo xtask bench NAME` again from a release build of xtask when this one is a debug

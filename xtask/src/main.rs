@@ -7,10 +7,13 @@
 //! - `cargo xtask bench fabric`: fan-out latency to 1,000 subscribers, commands per second.
 //! - `cargo xtask bench density`: N supervised instances vs supervisord, s6, runit (root).
 //! - `cargo xtask bench edge`: `mesh edge` vs haproxy and nginx as reverse proxies, CPU per request.
+//! - `cargo xtask bench ebpf`: ns per eBPF program run, slowdown of a context-switch-heavy load.
+//! - `cargo xtask bench all`: all of them, grouped by `mesh bench` into target/bench/report.md.
 
 mod bench;
 mod bench_agent;
 mod bench_density;
+mod bench_ebpf;
 mod bench_edge;
 mod bench_fabric;
 mod vm;
@@ -29,8 +32,10 @@ commands:
   bench agent    kill -9 until healed and registered, plan change until the new version serves (root)
   bench density  time and cost to bring up 100 to 5,000 instances vs supervisord, s6, runit (root)
   bench edge     mesh edge vs haproxy and nginx on loopback: rps, p50/p99, proxy CPU per request
+  bench ebpf     ns per eBPF program run, slowdown of a context-switch-heavy load (root)
+  bench all      every benchmark above, grouped into target/bench/report.md by `mesh bench`
   vm-test [-p P] [-- ARGS]
-                 the root-only agent tests (vm_*, supervise) in a qemu VM with pure cgroup v2
+                 the root-only agent tests (vm_*, supervise, accounting) in a qemu VM with pure cgroup v2
 ";
 
 fn main() -> Result<()> {
