@@ -4,7 +4,8 @@
  * in `cgroup_stats` are counted: for every other task on the host a program costs one
  * failed hash lookup.
  *
- *   sched_switch        on-CPU time of the task leaving the CPU; run-queue latency of the one
+ *   sched_switch        on-CPU time of the task leaving the CPU (its sum_exec_runtime delta);
+ *                       run-queue latency of the one
  *                       arriving (wakeup or preemption -> switch-in)
  *   sched_wakeup(_new)  when a watched task became runnable (task-local storage)
  *   sched_process_exec  exec events;  sched_process_exit  exit events with the exit status
@@ -26,7 +27,9 @@ struct {
 	__type(value, struct mesh_cgroup_stats);
 } cgroup_stats SEC(".maps");
 
-/* Per CPU: when the running task got the CPU, and its cgroup's id if watched (else 0). */
+/* Per CPU: the running task's sum_exec_runtime when it got the CPU, and its cgroup's id if
+ * watched (else 0). The kernel's own runtime (what cpu.stat sums) rather than wall time:
+ * interrupt and steal time are not the task's, and the numbers agree with cpu.stat. */
 struct cpu_state {
 	__u64 since;
 	__u64 cgroup_id;
@@ -84,20 +87,20 @@ int BPF_PROG(mesh_sched_switch, bool preempt, struct task_struct *prev, struct t
 	struct cpu_state *cs = bpf_map_lookup_elem(&cpu_state, &zero);
 	if (!cs)
 		return 0;
-	__u64 now = bpf_ktime_get_ns();
 	struct mesh_cgroup_stats *st;
 
 	/* the task leaving: its CPU time, and if still runnable, it queues again */
 	if (cs->cgroup_id) {
 		st = bpf_map_lookup_elem(&cgroup_stats, &cs->cgroup_id);
 		if (st) {
-			if (cs->since)
-				st->cpu_ns += now - cs->since;
+			__u64 ran = prev->se.sum_exec_runtime;
+			if (ran > cs->since)
+				st->cpu_ns += ran - cs->since;
 			if (prev->__state == 0) {
 				struct queued_at *q = bpf_task_storage_get(&queued, prev, 0,
 									   BPF_LOCAL_STORAGE_GET_F_CREATE);
 				if (q)
-					q->ts = now;
+					q->ts = bpf_ktime_get_ns();
 			}
 		}
 	}
@@ -105,13 +108,13 @@ int BPF_PROG(mesh_sched_switch, bool preempt, struct task_struct *prev, struct t
 	/* the task arriving: remember whether it is watched, and its wait */
 	__u64 cg = task_cgroup_id(next);
 	st = bpf_map_lookup_elem(&cgroup_stats, &cg);
-	cs->since = now;
 	cs->cgroup_id = st ? cg : 0;
 	if (!st)
 		return 0;
+	cs->since = next->se.sum_exec_runtime;
 	struct queued_at *q = bpf_task_storage_get(&queued, next, 0, 0);
 	if (q && q->ts) {
-		__u64 waited = now - q->ts;
+		__u64 waited = bpf_ktime_get_ns() - q->ts;
 		q->ts = 0;
 		__u32 slot = log2_slot(waited / 1000);
 		if (slot < MESH_RQ_SLOTS)

@@ -64,8 +64,13 @@ struct css_set {
 	struct cgroup *dfl_cgrp;
 };
 
+struct sched_entity {
+	u64 sum_exec_runtime;
+};
+
 struct task_struct {
 	unsigned int __state;
+	struct sched_entity se;
 	pid_t pid;
 	pid_t tgid;
 	struct task_struct *real_parent;

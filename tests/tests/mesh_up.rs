@@ -247,6 +247,20 @@ fn mesh_up_serves_hello_through_rollouts_and_crashes_and_stops_clean() {
         load.ok() > 100
     });
 
+    // mesh top finds the node through the fabric (NODE.LIST metrics=) and samples it
+    let top: serde_json::Value =
+        serde_json::from_str(&up.mesh(&["top", "--once", "--json"])).unwrap();
+    let rows = top["instances"].as_array().unwrap();
+    assert_eq!(rows.len(), 2, "{top}");
+    for r in rows {
+        assert_eq!(r["app"], "hello");
+        assert!(r["cpu_percent"].is_number(), "no CPU % in {r}");
+        assert!(
+            r["rx_bytes_per_s"].as_f64().is_some_and(|x| x > 0.0),
+            "no rx rate under load in {r}"
+        );
+    }
+
     // blue/green v1 -> v2
     let spore = dir.path().join("hello-2.0.0.spore");
     let key = data.join("keys/mesh.key");
