@@ -324,7 +324,22 @@ impl Supervisor {
                     keep_caps,
                     output: OwnedFd::from(output),
                 };
-                Ok(spawn::spawn(&spec, &cg, method)?)
+                // ETXTBSY: another thread's clone copied a descriptor of this binary still open
+                // for writing (the extraction of another instance) and has not reached its
+                // close_range yet. That window is microseconds: try again shortly.
+                let mut tries = 0;
+                loop {
+                    match spawn::spawn(&spec, &cg, method) {
+                        Err(spawn::SpawnError::Child {
+                            step: "execve",
+                            source,
+                        }) if source.raw_os_error() == Some(libc::ETXTBSY) && tries < 20 => {
+                            tries += 1;
+                            std::thread::sleep(Duration::from_millis(5));
+                        }
+                        r => break Ok(r?),
+                    }
+                }
             })();
             match result {
                 Ok(s) => Ok((s, cg, log_dir)),

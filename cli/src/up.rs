@@ -547,9 +547,22 @@ fn print_screen(
     } else {
         println!("  mesh logs hello -f --state {}/agent", data.display());
     }
-    println!("  mesh scale hello 3                            # one more instance");
+    println!("  mesh scale hello --min 3                      # one more instance");
+    if let Some(exe) = not_on_path() {
+        println!("  (`mesh` is not on your PATH: alias mesh={exe})");
+    }
     println!();
     println!("Ctrl-C stops everything (spores, cgroups, edge, fabric); the data directory stays.");
+}
+
+/// This binary's path if `mesh` on PATH is not this binary.
+fn not_on_path() -> Option<String> {
+    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let found = std::env::split_paths(&path)
+        .filter_map(|d| d.join("mesh").canonicalize().ok())
+        .any(|p| p == exe);
+    (!found).then(|| exe.display().to_string())
 }
 
 /// The agent pruned its tree; what is left is our `mesh-up` root (and, on hybrid hosts, its
