@@ -355,6 +355,9 @@ impl Worker {
         if !c.more {
             self.accept_armed[li] = false;
         }
+        if c.result == -libc::ECANCELED {
+            return; // the listener is closing (stop)
+        }
         if c.result < 0 {
             // EMFILE and friends end the multishot accept; the tick re-arms it.
             tracing::warn!(
