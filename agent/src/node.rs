@@ -278,6 +278,28 @@ pub async fn run(
         if !agent.cfg.move_self {
             let _ = agent.sup.tree().root().remove();
         }
+        // Nothing of this node runs any more: end its lease now, so that its endpoints,
+        // statuses and node entry go at once rather than when the lease would expire (a
+        // restarted fabric would otherwise keep routing to them for a full TTL).
+        if let Some(id) = agent.lease {
+            let revoke = async {
+                let mut c = Client::connect(&agent.cfg.fabric).await?;
+                c.call(&format!("LEASE.REVOKE {id}")).await
+            };
+            match tokio::time::timeout(Duration::from_secs(3), revoke).await {
+                Ok(Ok(_)) => {
+                    let _ = std::fs::remove_file(agent.cfg.state_dir.join("lease"));
+                    tracing::info!(
+                        lease = id,
+                        "lease revoked: endpoints and statuses withdrawn"
+                    );
+                }
+                Ok(Err(e)) => tracing::warn!("could not revoke lease {id}: {e}"),
+                Err(_) => {
+                    tracing::warn!("could not revoke lease {id}: the fabric did not answer in 3 s")
+                }
+            }
+        }
     }
     Ok(())
 }
