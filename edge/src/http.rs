@@ -349,13 +349,16 @@ fn hop_by_hop(name: &str, listed: &[Vec<u8>]) -> bool {
             .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
 }
 
-/// Header names listed in Connection (they are hop-by-hop too), except close/keep-alive.
+/// Header names listed in Connection (they are hop-by-hop too). Never the fields that frame
+/// or address the message: dropping Content-Length or Transfer-Encoding because a peer listed
+/// it would make the next hop frame the bytes differently (request smuggling).
 fn connection_listed(headers: &[(String, Vec<u8>)]) -> Vec<Vec<u8>> {
+    const KEPT: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
     headers
         .iter()
         .filter(|(n, _)| n.eq_ignore_ascii_case("connection"))
         .flat_map(|(_, v)| v.split(|b| *b == b',').map(|t| trim(t).to_vec()))
-        .filter(|t| !t.is_empty())
+        .filter(|t| !t.is_empty() && !KEPT.iter().any(|k| t.eq_ignore_ascii_case(k)))
         .collect()
 }
 
@@ -428,14 +431,16 @@ pub fn client_response(head: &ResponseHead, close: bool, keep_alive_10: bool, ou
     out.extend_from_slice(b"\r\n");
 }
 
-/// A response the edge makes itself (errors, 100 Continue is separate).
-pub fn local_response(status: u16, body: &str, close: bool, out: &mut Vec<u8>) {
+/// A response the edge makes itself (errors, 100 Continue is separate); a response to HEAD
+/// (`head`) says the length but carries no body.
+pub fn local_response(status: u16, body: &str, close: bool, head: bool, out: &mut Vec<u8>) {
     let _ = write!(
         Bytes(out),
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nVia: {VIA}\r\n{}\r\n{body}",
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nVia: {VIA}\r\n{}\r\n{}",
         reason(status),
         body.len(),
         if close { "Connection: close\r\n" } else { "" },
+        if head { "" } else { body },
     );
 }
 
@@ -758,6 +763,19 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "GET /x HTTP/1.1\r\nHost: a\r\nAccept: */*\r\nX-Forwarded-For: 10.0.0.1, 127.0.0.9\r\nX-Forwarded-Proto: http\r\nVia: 1.0 other, 1.1 mesh-edge\r\n\r\n"
         );
+    }
+
+    #[test]
+    fn framing_fields_listed_in_connection_are_still_forwarded() {
+        let h = req("POST /x HTTP/1.1\r\nHost: a\r\nConnection: Content-Length, Host, X-A\r\nContent-Length: 3\r\nX-A: 1\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        let mut out = Vec::new();
+        upstream_request(&h, "/x", "127.0.0.1".parse().unwrap(), &mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(text.contains("Content-Length: 3\r\n"), "{text}");
+        assert!(text.contains("Host: a\r\n"), "{text}");
+        assert!(!text.contains("X-A"), "{text}");
     }
 
     #[test]

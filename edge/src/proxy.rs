@@ -398,7 +398,13 @@ impl Worker {
     }
 
     fn wants_recv(cl: &Client, ups: &mut Slab<Upstream>) -> bool {
-        if cl.closing || cl.eof || cl.close_after_flush || cl.inbuf.len() >= HIGH_WATER {
+        // a client that sends without reading what we answer is not read from either
+        if cl.closing
+            || cl.eof
+            || cl.close_after_flush
+            || cl.inbuf.len() >= HIGH_WATER
+            || cl.out.pending() >= HIGH_WATER
+        {
             return false;
         }
         match cl.ex.as_ref().and_then(|e| e.upstream) {
@@ -481,6 +487,12 @@ impl Worker {
         }
         cl.out.sent(c.result as usize);
         cl.idle_deadline = self.now + self.cfg.client_idle_ms;
+        // a slow reader is progress too: the exchange is not stuck while the client reads
+        if let Some(ex) = cl.ex.as_mut()
+            && ex.response.is_some()
+        {
+            ex.deadline = self.now + self.cfg.upstream_timeout_ms;
+        }
         if !cl.closing
             && cl
                 .out
@@ -490,6 +502,7 @@ impl Worker {
         } else if cl.out.is_empty() {
             self.client_drained(ci, g);
         }
+        self.update_client_recv(ci, g);
         self.maybe_free_client(ci, g);
     }
 
@@ -553,7 +566,12 @@ impl Worker {
         }
         if cl.inbuf.is_empty() {
             if cl.eof {
-                self.close_client(ci, g);
+                // the client is done sending; what it asked for still goes out first
+                if cl.out.is_empty() {
+                    self.close_client(ci, g);
+                } else {
+                    cl.close_after_flush = true;
+                }
             }
             return;
         }
@@ -574,7 +592,11 @@ impl Worker {
                     cl.head_started = Some(now);
                 }
                 if cl.eof {
-                    self.close_client(ci, g);
+                    if cl.out.is_empty() {
+                        self.close_client(ci, g);
+                    } else {
+                        cl.close_after_flush = true;
+                    }
                 }
             }
             Ok(Some(head)) => {
@@ -587,10 +609,22 @@ impl Worker {
 
     /// A response made here; `close` ends the connection after it.
     fn local_response(&mut self, ci: usize, g: u32, status: u16, body: &str, close: bool) {
+        self.local_response_to(ci, g, status, body, close, false);
+    }
+
+    fn local_response_to(
+        &mut self,
+        ci: usize,
+        g: u32,
+        status: u16,
+        body: &str,
+        close: bool,
+        head: bool,
+    ) {
         let Some(cl) = self.clients.get(ci, g) else {
             return;
         };
-        http::local_response(status, body, close, &mut cl.out.queued);
+        http::local_response(status, body, close, head, &mut cl.out.queued);
         if close {
             cl.close_after_flush = true;
             cl.inbuf.clear();
@@ -598,6 +632,7 @@ impl Worker {
             self.ready.push((ci, g));
         }
         self.send_client(ci, g);
+        self.update_client_recv(ci, g);
     }
 
     fn start_exchange(&mut self, ci: usize, g: u32, head: RequestHead) {
@@ -616,7 +651,7 @@ impl Worker {
                     Some(n) => format!("no app named {n:?} on this mesh\n"),
                     None => "no app here: use /app/<name>/ or Host: <name>.<domain>\n".into(),
                 };
-                self.local_response(ci, g, 404, &msg, !keep);
+                self.local_response_to(ci, g, 404, &msg, !keep, head.is_head());
                 return;
             }
         };
@@ -629,9 +664,6 @@ impl Worker {
             .fetch_add(head.len as u64, Ordering::Relaxed);
         let mut bytes = Vec::with_capacity(head.len + 128);
         http::upstream_request(&head, &target, cl.peer, &mut bytes);
-        if head.expect_continue && has_body {
-            cl.out.queued.extend_from_slice(http::CONTINUE_100);
-        }
         let now = self.now;
         cl.ex = Some(Exchange {
             app: app.clone(),
@@ -660,6 +692,14 @@ impl Worker {
                 self.finish_with_error(ci, g, 503, "no ready instance of this app\n", None);
             }
             Some(ep) => {
+                // invite the body only once there is somewhere to send it
+                if head.expect_continue
+                    && has_body
+                    && let Some(cl) = self.clients.get(ci, g)
+                {
+                    cl.out.queued.extend_from_slice(http::CONTINUE_100);
+                    self.send_client(ci, g);
+                }
                 self.attach_upstream(ci, g, ep, bytes);
                 self.forward_request_body(ci, g);
             }
@@ -831,7 +871,7 @@ impl Worker {
             return;
         }
         let keep = ex.client_keep_alive && ex.request_body.done() && !cl.eof;
-        self.local_response(ci, g, status, body, !keep);
+        self.local_response_to(ci, g, status, body, !keep, ex.head_request);
     }
 
     fn finish_exchange(&mut self, ci: usize, g: u32) {
@@ -1160,6 +1200,12 @@ impl Worker {
                     // interim response (100, 103): forward as it came
                     cl.out.queued.extend_from_slice(&u.inbuf[..head.len]);
                     u.inbuf.drain(..head.len);
+                    if cl
+                        .out
+                        .start(&mut self.ring, cl.fd, token(CLIENT_SEND, ci, g))
+                    {
+                        cl.ops += 1;
+                    }
                 }
                 Ok(Some(head)) => {
                     if let Some(ep) = &ex.endpoint {
@@ -1168,6 +1214,7 @@ impl Worker {
                     ex.status = head.status;
                     ex.upstream_keep_alive = head.keep_alive;
                     let close = !ex.client_keep_alive
+                        || self.stopping_since.is_some()
                         || head.framing == Framing::UntilClose
                         || !ex.request_body.done()
                         || cl.eof;

@@ -33,7 +33,9 @@ struct BufRing {
     ring_bytes: usize,
     entries: u16,
     tail: u16,
-    memory: Vec<u8>,
+    /// `entries * size` bytes the kernel writes into: only ever touched through this raw
+    /// pointer (never a Rust reference to the whole area), so kernel writes alias nothing.
+    memory: *mut u8,
     size: usize,
 }
 
@@ -59,7 +61,7 @@ impl BufRing {
             ring_bytes,
             entries,
             tail: 0,
-            memory: vec![0; usize::from(entries) * size],
+            memory: Box::into_raw(vec![0u8; usize::from(entries) * size].into_boxed_slice()).cast(),
             size,
         })
     }
@@ -68,7 +70,7 @@ impl BufRing {
     fn push(&mut self, id: u16) {
         let mask = self.entries - 1;
         let slot = usize::from(self.tail & mask);
-        let addr = self.memory.as_ptr() as u64 + u64::from(id) * self.size as u64;
+        let addr = self.memory as u64 + u64::from(id) * self.size as u64;
         // SAFETY: slot < entries, inside the mapping; the kernel reads only slots before tail.
         let entry = unsafe { &mut *self.ring.add(slot) };
         entry.set_addr(addr);
@@ -89,6 +91,10 @@ impl Drop for BufRing {
     fn drop(&mut self) {
         // SAFETY: unmapping exactly what new() mapped; the ring was unregistered first.
         unsafe { libc::munmap(self.ring.cast(), self.ring_bytes) };
+        let len = usize::from(self.entries) * self.size;
+        // SAFETY: the pointer came from Box::into_raw of a boxed slice of exactly `len` bytes
+        // in new(), and the kernel no longer uses it (the ring is unregistered and dropped).
+        drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(self.memory, len)) });
     }
 }
 
@@ -250,9 +256,13 @@ impl Ring {
 
     /// The bytes of buffer `id` (`len` of them were received).
     pub fn buffer(&self, id: u16, len: usize) -> &[u8] {
+        let id = id.min(self.bufs.entries - 1);
         let start = usize::from(id) * self.bufs.size;
         let len = len.min(self.bufs.size);
-        &self.bufs.memory[start..start + len]
+        // SAFETY: in bounds (id < entries, len <= size); the kernel finished writing this
+        // buffer before posting the completion that named it, and does not touch it again
+        // until recycle(id), which needs `&mut self` and so cannot overlap this borrow.
+        unsafe { std::slice::from_raw_parts(self.bufs.memory.add(start), len) }
     }
 
     /// Give buffer `id` back to the kernel.

@@ -649,3 +649,57 @@ fn route_changes_under_load_fail_no_request() {
     assert_eq!(total as u64, ok.load(Ordering::Relaxed));
     assert!(find(&be1.received()[0].bytes, b"X-Forwarded-For").is_some());
 }
+
+// ---- found in review ------------------------------------------------------------------------
+
+#[test]
+fn connection_cannot_hide_the_framing_of_a_request() {
+    let (fx, be) = fixture_with(|c| c.threads = 1);
+    let mut c = RawClient::connect(fx.addr());
+    let inner = "GET /app/app/admin HTTP/1.1\r\nHost: t\r\n\r\n";
+    let r = req(
+        &mut c,
+        &format!(
+            "POST /app/app/echo HTTP/1.1\r\nHost: t\r\nConnection: Content-Length\r\nContent-Length: {}\r\n\r\n{inner}",
+            inner.len()
+        ),
+    );
+    assert_eq!((r.status, r.body_text()), (200, inner.to_string()));
+    // another client on the (pooled) upstream connection gets its own answer
+    let r = get(fx.addr(), "/app/app/len/3").unwrap();
+    assert_eq!(r.body_text(), "abc");
+    let got = be.received();
+    assert_eq!(got.len(), 2, "{got:?}");
+    assert!(
+        got[0]
+            .text()
+            .contains(&format!("Content-Length: {}\r\n", inner.len()))
+    );
+    assert!(got[1].text().starts_with("GET /len/3 "));
+}
+
+#[test]
+fn a_half_closed_client_still_gets_its_answers() {
+    let (fx, _be) = fixture();
+    for (path, status) in [("/app/nope/", 404), ("/app/app/", 200)] {
+        for _ in 0..20 {
+            let mut c = RawClient::connect(fx.addr());
+            c.send(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            c.s.shutdown(std::net::Shutdown::Write).unwrap();
+            let r = c
+                .response(false)
+                .unwrap_or_else(|| panic!("no answer to {path} after FIN"));
+            assert_eq!(r.status, status);
+        }
+    }
+}
+
+#[test]
+fn responses_the_edge_makes_to_head_have_no_body() {
+    let (fx, _be) = fixture();
+    let mut c = RawClient::connect(fx.addr());
+    let r = req(&mut c, "HEAD /app/nope/ HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!(r.status, 404);
+    let next = req(&mut c, "GET /app/app/len/4 HTTP/1.1\r\nHost: t\r\n\r\n");
+    assert_eq!((next.status, next.body_text().as_str()), (200, "abcd"));
+}
