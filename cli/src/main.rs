@@ -25,10 +25,14 @@ use clap::{CommandFactory, Parser, Subcommand};
 /// accounted, behind an HTTP edge.
 #[derive(Parser)]
 #[command(name = "mesh", version, max_term_width = 100)]
-#[command(after_help = "The life of a spore:\n  \
+#[command(after_help = "Start here:\n  \
+    sudo mesh up                                    the whole mesh on this machine, hello deployed\n\n\
+The life of a spore:\n  \
     mesh key gen --out ~/.mesh                      create a signing key\n  \
     mesh spore pack ./app --name app --version 1.0.0 --key ~/.mesh/mesh.key -o app.spore\n  \
-    mesh spore verify app.spore --trust ~/.mesh/mesh.pub")]
+    mesh spore push app.spore                       prints its digest\n  \
+    mesh deploy app sha256:... --min 2              run two instances behind the edge\n  \
+    mesh top                                        watch them")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
