@@ -468,7 +468,7 @@ impl Worker {
                 self.drive_client(ci, g);
             }
             e if e == -libc::ENOBUFS || e == -libc::ECANCELED => {}
-            _ => self.abort_client(ci, g),
+            _ => self.close_client(ci, g),
         }
         self.update_client_recv(ci, g);
         self.maybe_free_client(ci, g);
@@ -481,7 +481,7 @@ impl Worker {
         cl.ops -= 1;
         if c.result < 0 {
             cl.out.sent(0);
-            self.abort_client(ci, g);
+            self.close_client(ci, g);
             self.maybe_free_client(ci, g);
             return;
         }
@@ -867,7 +867,7 @@ impl Worker {
         };
         if ex.response_started {
             // Part of a response went out already: only closing tells the client.
-            self.abort_client(ci, g);
+            self.close_client(ci, g);
             return;
         }
         let keep = ex.client_keep_alive && ex.request_body.done() && !cl.eof;
@@ -989,19 +989,14 @@ impl Worker {
                 tracing::warn!(app = %ex.app.name, "upstream closed in the middle of a response body");
                 ex.app.counters.upstream_error(UpstreamError::Reset);
                 self.close_up(ui, ug);
-                self.abort_client(ci, g);
+                self.close_client(ci, g);
             }
             PumpOutcome::ClientFailed(e) => {
                 tracing::debug!("client went away during a spliced body: {e}");
                 self.close_up(ui, ug);
-                self.abort_client(ci, g);
+                self.close_client(ci, g);
             }
         }
-    }
-
-    /// Close now (after any queued bytes were tried: no, immediately: used on errors).
-    fn abort_client(&mut self, ci: usize, g: u32) {
-        self.close_client(ci, g);
     }
 
     fn close_client(&mut self, ci: usize, g: u32) {
@@ -1268,7 +1263,7 @@ impl Worker {
                 tracing::warn!(app = %ex.app.name, "bad chunked response body: {e}");
                 ex.app.counters.upstream_error(UpstreamError::BadResponse);
                 self.close_up(ui, ug);
-                self.abort_client(ci, g);
+                self.close_client(ci, g);
                 return;
             }
         };
