@@ -119,10 +119,7 @@ async fn bench(trips: u64, runs: usize) -> Result<()> {
     let root = CgroupRoot::new_root(&layout, &format!("mesh-bench-ebpf-{}", std::process::id()));
     root.create()?;
     let result = measure(&root, trips, runs).await;
-    remove_tree(&root.v2);
-    for d in root.v1.values() {
-        remove_tree(d);
-    }
+    let _ = root.remove_tree();
     result
 }
 
@@ -221,15 +218,4 @@ async fn measure(root: &CgroupRoot, trips: u64, runs: usize) -> Result<()> {
         );
     }
     Ok(())
-}
-
-fn remove_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }

@@ -124,31 +124,8 @@ impl Fixture {
 /// cgroups go.
 impl Drop for Fixture {
     fn drop(&mut self) {
-        let _ = std::fs::write(self.root.v2.join("cgroup.kill"), "1");
-        for _ in 0..100 {
-            let populated = std::fs::read_to_string(self.root.v2.join("cgroup.events"))
-                .is_ok_and(|e| e.lines().any(|l| l == "populated 1"));
-            if !populated {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = remove_tree(&self.root.v2);
-        for d in self.root.v1.values() {
-            let _ = remove_tree(d);
-        }
+        let _ = self.root.remove_tree();
     }
-}
-
-fn remove_tree(dir: &Path) -> std::io::Result<()> {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
-                remove_tree(&e.path())?;
-            }
-        }
-    }
-    std::fs::remove_dir(dir)
 }
 
 /// `Tcp: RetransSegs` from /proc/net/snmp (this network namespace, all sockets).

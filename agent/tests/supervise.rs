@@ -5,7 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use mesh_agent::cgroup::{CgroupRoot, Layout, Limits, Mode};
@@ -123,28 +123,7 @@ impl Fixture {
 impl Drop for Fixture {
     fn drop(&mut self) {
         // Whatever a failed test left: kill it, then remove the tree bottom-up.
-        fn remove_tree(dir: &Path) {
-            if let Ok(entries) = std::fs::read_dir(dir) {
-                for e in entries.flatten() {
-                    if e.path().is_dir() {
-                        remove_tree(&e.path());
-                    }
-                }
-            }
-            if dir.join("cgroup.kill").exists() {
-                let _ = std::fs::write(dir.join("cgroup.kill"), "1");
-            }
-            for _ in 0..200 {
-                if std::fs::remove_dir(dir).is_ok() || !dir.exists() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(10));
-            }
-        }
-        remove_tree(&self.root.v2);
-        for d in self.root.v1.values() {
-            remove_tree(d);
-        }
+        let _ = self.root.remove_tree();
     }
 }
 

@@ -206,7 +206,10 @@ async fn up(cmd: UpCmd, data: PathBuf) -> Result<()> {
         let _ = task.await;
     }
     if let Some(cg) = cgroup_root {
-        remove_cgroup_tree(&cg);
+        // normally already empty and gone (the agent removed its tree); kills stragglers
+        if let Err(e) = cg.remove_tree() {
+            eprintln!("mesh up: {e}");
+        }
     }
     let stop = tokio::task::spawn_blocking(move || edge.stop());
     let _ = stop.await;
@@ -563,23 +566,4 @@ fn not_on_path() -> Option<String> {
         .filter_map(|d| d.join("mesh").canonicalize().ok())
         .any(|p| p == exe);
     (!found).then(|| exe.display().to_string())
-}
-
-/// The agent pruned its tree; what is left is our `mesh-up` root (and, on hybrid hosts, its
-/// v1 twins).
-fn remove_cgroup_tree(cg: &CgroupRoot) {
-    for dir in std::iter::once(&cg.v2).chain(cg.v1.values()) {
-        remove_dir_tree(dir);
-    }
-}
-
-fn remove_dir_tree(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                remove_dir_tree(&e.path());
-            }
-        }
-    }
-    let _ = std::fs::remove_dir(dir);
 }

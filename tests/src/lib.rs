@@ -310,86 +310,14 @@ pub fn agent_cgroup_root(name: &str) -> std::io::Result<mesh_agent::cgroup::Cgro
     })
 }
 
-/// `dir` and every cgroup below it, children before their parents.
-fn cgroup_dirs_bottom_up(dir: &std::path::Path, out: &mut Vec<PathBuf>) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for e in entries.flatten() {
-            if e.file_type().is_ok_and(|t| t.is_dir()) {
-                cgroup_dirs_bottom_up(&e.path(), out);
-            }
-        }
-    }
-    if dir.is_dir() {
-        out.push(dir.to_path_buf());
-    }
-}
-
 /// Kills every process in the agent cgroup root `name` (see [`agent_cgroup_root`]) and removes
-/// its directories in every hierarchy. Only processes inside that root are touched: `1` goes to
-/// each `cgroup.kill` bottom-up (on kernels without it, the pids its `cgroup.procs` files list
-/// get SIGKILL). Fine if the root does not exist.
+/// its directories in every hierarchy ([`CgroupRoot::remove_tree`]). Fine if the root does not
+/// exist.
+///
+/// [`CgroupRoot::remove_tree`]: mesh_agent::cgroup::CgroupRoot::remove_tree
 pub fn cleanup_cgroup_root(name: &str) -> std::io::Result<()> {
     mesh_common::model::check_name("cgroup root", name).map_err(std::io::Error::other)?;
-    let root = agent_cgroup_root(name)?;
-    let populated = |d: &std::path::Path| {
-        std::fs::read_to_string(d.join("cgroup.events"))
-            .map(|t| t.lines().any(|l| l == "populated 1"))
-            .unwrap_or(false)
-    };
-    if root.v2.is_dir() {
-        let end = Instant::now() + Duration::from_secs(30);
-        loop {
-            let mut dirs = Vec::new();
-            cgroup_dirs_bottom_up(&root.v2, &mut dirs);
-            for d in &dirs {
-                let kill = d.join("cgroup.kill");
-                if kill.exists() {
-                    let _ = std::fs::write(&kill, "1");
-                } else {
-                    let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap_or_default();
-                    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
-                        // SAFETY: kill(2) of a process listed as a member of the test's own
-                        // cgroup root (kernels before 5.14 have no cgroup.kill).
-                        unsafe { libc::kill(pid, libc::SIGKILL) };
-                    }
-                }
-            }
-            if !populated(&root.v2) {
-                break;
-            }
-            if Instant::now() >= end {
-                return Err(std::io::Error::other(format!(
-                    "{}: processes left 30 s after cgroup.kill",
-                    root.v2.display()
-                )));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-    for top in std::iter::once(&root.v2).chain(root.v1.values()) {
-        let mut dirs = Vec::new();
-        cgroup_dirs_bottom_up(top, &mut dirs);
-        for d in dirs {
-            // A cgroup whose last process just died can be busy for a moment.
-            let end = Instant::now() + Duration::from_secs(10);
-            loop {
-                match std::fs::remove_dir(&d) {
-                    Ok(()) => break,
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
-                    Err(e) if Instant::now() < end && e.raw_os_error() == Some(libc::EBUSY) => {
-                        std::thread::sleep(Duration::from_millis(20));
-                    }
-                    Err(e) => {
-                        return Err(std::io::Error::new(
-                            e.kind(),
-                            format!("removing cgroup {}: {e}", d.display()),
-                        ));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
+    agent_cgroup_root(name)?.remove_tree()
 }
 
 /// Runs [`cleanup_cgroup_root`] when dropped (also when a test fails), unless
